@@ -1,0 +1,143 @@
+"""Reading weights safely and fitting them to a model: our safetensors files, official `.pth` state dicts,
+other resolutions (position tables resampled) and other class counts (head re-initialised).
+
+Nothing here unpickles arbitrary objects: safetensors, or `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from ..errors import CCTError
+from .cct import resize_pos_embed
+
+logger = logging.getLogger("cct.models")
+
+# Official (SHI-Labs/Compact-Transformers) key -> ours. Order matters: the first matching rule wins.
+_OFFICIAL_KEY_RULES: list[tuple[re.Pattern[str], str]] = [(re.compile(a), b) for a, b in [
+    (r"^tokenizer\.conv_layers\.(\d+)\.0\.", r"tokenizer.convs.\1.conv."),
+    (r"^classifier\.positional_emb$", "pos_embed"),
+    (r"^classifier\.class_emb$", "cls_token"),
+    (r"^classifier\.attention_pool\.", "pool.score."),
+    (r"^classifier\.blocks\.(\d+)\.pre_norm\.", r"blocks.\1.norm1."),
+    (r"^classifier\.blocks\.(\d+)\.self_attn\.", r"blocks.\1.attn."),
+    (r"^classifier\.blocks\.(\d+)\.linear1\.", r"blocks.\1.mlp.fc1."),
+    (r"^classifier\.blocks\.(\d+)\.norm1\.", r"blocks.\1.norm2."),
+    (r"^classifier\.blocks\.(\d+)\.linear2\.", r"blocks.\1.mlp.fc2."),
+    (r"^classifier\.norm\.", "norm."),
+    (r"^classifier\.fc\.", "head."),
+]]
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+def is_official_state_dict(state_dict: dict[str, torch.Tensor]) -> bool:
+    """True when the keys are the official implementation's (`tokenizer.conv_layers...`, `classifier...`)."""
+    return any(k.startswith(("classifier.", "tokenizer.conv_layers.")) for k in state_dict)
+
+
+def convert_official_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map an official CCT/CVT/ViT-Lite state dict to this package's key names (tensors are shared)."""
+    converted = {}
+    for key, value in state_dict.items():
+        for pattern, replacement in _OFFICIAL_KEY_RULES:
+            new_key, hits = pattern.subn(replacement, key)
+            if hits:
+                converted[new_key] = value
+                break
+        else:
+            converted[key] = value
+    return converted
+
+
+def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    """Find the tensor dict inside common checkpoint wrappers and strip DDP/compile prefixes."""
+    while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CCTError(f"{path} is not a model checkpoint: it holds no state dict of tensors")
+    state_dict = {}
+    for key, value in obj.items():
+        for prefix in _PREFIXES:
+            key = key.removeprefix(prefix)
+        state_dict[key] = value
+    return state_dict
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a state dict from a safetensors file or a PyTorch `.pth` (tensors only, never arbitrary pickles)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CCTError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    is_zip_or_pickle = head[:2] == b"PK" or head[:1] == b"\x80"
+    try:
+        if not is_zip_or_pickle:
+            return _unwrap(load_file(path), path)
+        return _unwrap(torch.load(path, map_location="cpu", weights_only=True), path)
+    except pickle.UnpicklingError as e:
+        raise CCTError(f"refusing to load {path}: it contains pickled Python objects, not only tensors "
+                       f"({str(e).splitlines()[0][:200]})") from None
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise CCTError(f"{path} is not a readable checkpoint (truncated or not a safetensors/PyTorch file): "
+                       f"{reason}") from None
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Fit a state dict to `model`: official keys converted, position tables resampled (learnable) or taken
+    from the model (sine), and a head of another class count dropped with a warning (the model's own stays).
+    Also used by timm when it loads pretrained weights into a registered variant."""
+    if is_official_state_dict(state_dict):
+        state_dict = convert_official_state_dict(state_dict)
+    state_dict = dict(state_dict)
+    own = model.state_dict()
+    pos = state_dict.get("pos_embed")
+    if pos is not None and "pos_embed" in own and pos.shape != own["pos_embed"].shape:
+        if getattr(model, "pos_embed_kind", "learnable") == "sine":
+            state_dict["pos_embed"] = own["pos_embed"]
+        else:
+            state_dict["pos_embed"] = resize_pos_embed(pos, model.grid_size, model.num_prefix_tokens)
+    head = state_dict.get("head.weight")
+    own_head = own.get("head.weight")
+    if head is not None and own_head is not None and head.shape[0] != own_head.shape[0] \
+            and head.shape[1:] == own_head.shape[1:]:
+        logger.warning("checkpoint head has %d classes, model has %d: the head is re-initialised",
+                       head.shape[0], own["head.weight"].shape[0])
+        state_dict["head.weight"], state_dict["head.bias"] = own["head.weight"], own["head.bias"]
+    return state_dict
+
+
+def _describe_mismatch(state_dict: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> str | None:
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong = [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    parts = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+             for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", wrong)) if keys]
+    return "; ".join(parts) or None
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load weights from `path` into `model` (in place), adapting official keys, resolution and head.
+    A checkpoint that does not fit raises CCTError naming the first mismatched keys and shapes."""
+    state_dict = checkpoint_filter_fn(read_state_dict(path), model)
+    problem = _describe_mismatch(state_dict, model.state_dict())
+    if problem:
+        name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
+        raise CCTError(f"checkpoint {path} does not fit {name}: {problem}")
+    model.load_state_dict(state_dict)
+    return model

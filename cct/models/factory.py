@@ -1,0 +1,54 @@
+"""`create_model` and `list_models`: the front door to the registry, with clear errors for wrong names."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import os
+from typing import Any
+
+import timm
+
+from ..errors import CCTError, UsageError
+from .cct import CCT
+from .checkpoint import load_checkpoint
+from .registry import VARIANTS
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Registered variant names, sorted, optionally filtered by a shell-style pattern (`cct_7*`)."""
+    names = sorted(VARIANTS)
+    return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
+
+
+def check_model_name(name: str) -> str:
+    """Return `name` if it is a registered variant, else raise UsageError naming the closest ones."""
+    if name not in VARIANTS:
+        close = difflib.get_close_matches(name, VARIANTS, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; `cct models` lists them"
+        raise UsageError(f"unknown model {name!r}{hint}")
+    return name
+
+
+def create_model(name: str, num_classes: int | None = None, img_size: int | None = None,
+                 pretrained: bool = False, checkpoint: str | os.PathLike | None = None,
+                 drop_path_rate: float | None = None, stochastic_depth: str = "droppath",
+                 **kwargs: Any) -> CCT:
+    """Build a named variant, optionally with another class count / input size and weights from `checkpoint`
+    (our safetensors or an official `.pth`; position tables are resampled, a head of another class count is
+    re-initialised with a warning). `stochastic_depth` is "droppath" (per sample, as the paper) or "skip"
+    (per batch, the dropped branch is not computed at all)."""
+    check_model_name(name)
+    if stochastic_depth not in ("droppath", "skip"):
+        raise UsageError(f"stochastic_depth must be 'droppath' or 'skip', got {stochastic_depth!r}")
+    overrides = dict(num_classes=num_classes, img_size=img_size, drop_path_rate=drop_path_rate)
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        model = timm.create_model(name, pretrained=pretrained, stochastic_depth=stochastic_depth, **kwargs)
+    except RuntimeError as e:
+        if pretrained:
+            raise CCTError(f"no pretrained weights available for {name}: {e}") from None
+        raise
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    return model

@@ -1,0 +1,101 @@
+"""The named variants of the CCT family, as data, registered with timm.
+
+Names follow the official implementation: `cct_L_KxC_S` is L encoder layers, a tokenizer of C convolutions
+of kernel K, input size S; `cvt_L_P_S` / `vit_L_P_S` use a P x P patch tokenizer (ViT-Lite has a class token,
+CVT pools the sequence). `_sine` twins use a fixed sinusoidal position table; `_c100` and `_fl` are the
+same architectures with CIFAR-100 and Flowers-102 heads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from .cct import CCT
+from .checkpoint import checkpoint_filter_fn
+
+# Encoder sizes of the paper: layers, heads, MLP ratio, width.
+ENCODER_SIZES: dict[int, dict[str, Any]] = {
+    2: dict(depth=2, num_heads=2, mlp_ratio=1.0, embed_dim=128),
+    4: dict(depth=4, num_heads=2, mlp_ratio=1.0, embed_dim=128),
+    6: dict(depth=6, num_heads=4, mlp_ratio=2.0, embed_dim=256),
+    7: dict(depth=7, num_heads=4, mlp_ratio=2.0, embed_dim=256),
+    14: dict(depth=14, num_heads=6, mlp_ratio=3.0, embed_dim=384),
+}
+PATCH_TOKENIZER = dict(kernel_size=4, stride=4, padding=0, n_conv_layers=1, conv_bias=True,
+                       conv_activation=False, max_pool=False)
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+FLOWERS_MEAN, FLOWERS_STD = (0.4353, 0.3773, 0.2872), (0.2966, 0.2455, 0.2698)
+POS_SUFFIXES = (("", "learnable"), ("_sine", "sine"))
+
+# Top-1 accuracy reported by the authors (official README / paper), for the model table.
+PAPER_TOP1: dict[str, str] = {
+    "cct_7_3x1_32": "96.53 (CIFAR-10, 300 ep)",
+    "cct_7_3x1_32_sine": "97.48 (CIFAR-10, 1500 ep); 98.00 (5000 ep)",
+    "cct_7_3x1_32_c100": "80.92 (CIFAR-100, 300 ep)",
+    "cct_7_3x1_32_sine_c100": "82.72 (CIFAR-100, 1500 ep); 82.87 (5000 ep)",
+    "cct_7_7x2_224_sine": "97.19 (Flowers-102, from scratch)",
+    "cct_14_7x2_224": "80.67 (ImageNet-1k, 310 ep)",
+    "cct_14_7x2_384": "82.71 (ImageNet-1k, 310+30 ep)",
+    "cct_14_7x2_384_fl": "99.76 (Flowers-102, fine-tuned from ImageNet)",
+}
+
+
+def _build_variants() -> dict[str, dict[str, Any]]:
+    variants: dict[str, dict[str, Any]] = {}
+    cct_shapes = [(2, 3, 2, 32, 10), (4, 3, 2, 32, 10), (6, 3, 1, 32, 10), (6, 3, 2, 32, 10), (7, 3, 1, 32, 10),
+                  (7, 3, 2, 32, 10), (7, 7, 2, 224, 102), (14, 7, 2, 224, 1000), (14, 7, 2, 384, 1000)]
+    for size, kernel, n_conv, img, classes in cct_shapes:
+        for suffix, pos in POS_SUFFIXES:
+            variants[f"cct_{size}_{kernel}x{n_conv}_{img}{suffix}"] = dict(
+                ENCODER_SIZES[size], kernel_size=kernel, n_conv_layers=n_conv, img_size=img,
+                num_classes=classes, pos_embed=pos)
+    for family, seq_pool in (("cvt", True), ("vit", False)):
+        for size in (2, 4, 6, 7):
+            for suffix, pos in POS_SUFFIXES:
+                variants[f"{family}_{size}_4_32{suffix}"] = dict(
+                    ENCODER_SIZES[size], **PATCH_TOKENIZER, seq_pool=seq_pool, img_size=32, num_classes=10,
+                    pos_embed=pos)
+    for alias, base, classes in (("cct_7_3x1_32_c100", "cct_7_3x1_32", 100),
+                                 ("cct_7_3x1_32_sine_c100", "cct_7_3x1_32_sine", 100),
+                                 ("cct_14_7x2_384_fl", "cct_14_7x2_384", 102)):
+        variants[alias] = dict(variants[base], num_classes=classes)
+    return variants
+
+
+VARIANTS: dict[str, dict[str, Any]] = _build_variants()
+
+
+def _pretrained_cfg(arch: dict[str, Any]) -> dict[str, Any]:
+    img = arch["img_size"]
+    if img == 32:
+        mean, std = CIFAR10_MEAN, CIFAR10_STD
+    elif arch["num_classes"] == 102:
+        mean, std = FLOWERS_MEAN, FLOWERS_STD
+    else:
+        mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    return dict(input_size=(3, img, img), mean=mean, std=std, num_classes=arch["num_classes"],
+                interpolation="bicubic", crop_pct=1.0 if img == 32 else 0.9,
+                first_conv="tokenizer.convs.0.conv", classifier="head", license="apache-2.0",
+                paper_ids="arXiv:2104.05704")
+
+
+# timm reads this module-level table when the entrypoints below are registered.
+default_cfgs = generate_default_cfgs({name: _pretrained_cfg(arch) for name, arch in VARIANTS.items()})
+
+
+def _register(name: str) -> None:
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> CCT:
+        return build_model_with_cfg(CCT, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                    **{**VARIANTS[name], **kwargs})
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = f"{name}: {VARIANTS[name]}"
+    register_model(entrypoint)
+
+
+for _name in VARIANTS:
+    _register(_name)
