@@ -1,0 +1,71 @@
+"""Batches for training and evaluation, the same way for in-memory and file datasets, alone or under torchrun.
+
+An epoch's order is a permutation computed from (seed, epoch) alone, so a resumed run (even one resumed
+mid-epoch) sees exactly the batches it would have seen, and every rank can compute every other rank's share.
+Each rank takes an interleaved shard of the permutation; all ranks get the same number of full batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
+from .datasets import ImageFiles, InMemoryImages, collate_skip_bad
+
+Batch = tuple[torch.Tensor, torch.Tensor, int]  # uint8 images B x 3 x S x S, int64 labels, images skipped
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    """The training order of epoch `epoch`: a permutation depending only on (seed, epoch)."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(num_samples, generator=generator)
+
+
+def train_batch_indices(num_samples: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                        world_size: int = 1) -> list[torch.Tensor]:
+    """This rank's batches of sample indices for one epoch (last partial batch dropped, equal count per rank)."""
+    steps = num_samples // (batch_size * world_size)
+    order = epoch_permutation(num_samples, seed, epoch)[: steps * batch_size * world_size]
+    return list(order.view(steps, world_size, batch_size)[:, rank].unbind(0)) if steps else []
+
+
+def steps_per_epoch(num_samples: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimiser steps in one epoch (each a batch on every rank)."""
+    return num_samples // (batch_size * world_size)
+
+
+class BatchSource:
+    """Yields uint8 batches of a dataset: by indexing one device tensor (in-memory data, no worker, no copy
+    per image) or through DataLoader workers that decode and crop files (pinned memory, persistent workers)."""
+
+    def __init__(self, dataset: InMemoryImages | ImageFiles, device: torch.device, workers: int = 4):
+        self.dataset = dataset
+        self.device = device
+        self.workers = workers
+        if isinstance(dataset, InMemoryImages):
+            self.images = dataset.images.to(device)
+            self.labels = dataset.labels.to(device)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def batches(self, index_batches: list[torch.Tensor]) -> Iterator[Batch]:
+        """One batch per index tensor, in order."""
+        if isinstance(self.dataset, InMemoryImages):
+            for idx in index_batches:
+                idx = idx.to(self.device)
+                yield self.images.index_select(0, idx), self.labels.index_select(0, idx), 0
+            return
+        loader = DataLoader(self.dataset, batch_sampler=[i.tolist() for i in index_batches],
+                            num_workers=self.workers, collate_fn=collate_skip_bad,
+                            pin_memory=self.device.type == "cuda", persistent_workers=False)
+        for images, labels, skipped in loader:
+            yield (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), skipped)
+
+
+def eval_batch_indices(num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
+    """This rank's contiguous share of the evaluation set, in batches (every sample evaluated exactly once)."""
+    share = torch.arange(num_samples).tensor_split(world_size)[rank]
+    return list(share.split(batch_size))

@@ -1,0 +1,89 @@
+"""`cct bench`: training and inference throughput of one model on this machine, against its matmul peak.
+
+The training step is the training loop's own (`Engine.step`: batched augmentation, autocast forward, loss,
+backward, optimiser step), on uint8 images that already live on the device, as in training.
+Figures are medians over several timed windows after a warm-up: these machines are shared and noisy.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..data.augment import normalize
+from ..models.complexity import count_macs
+from .config import Config
+from .loop import Engine, autocast, cpu_name
+
+
+def _median_rate(run: Callable[[], None], items_per_call: int, windows: int, calls_per_window: int,
+                 warmup: int) -> float:
+    for _ in range(warmup):
+        run()
+    rates = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        for _ in range(calls_per_window):
+            run()
+        rates.append(items_per_call * calls_per_window / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def matmul_peak_gflops(precision: str, device: torch.device, size: int = 2048, windows: int = 5) -> float:
+    """Measured dense matmul throughput (GFLOP/s) of a size x size product in the given precision."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+
+    def run() -> None:
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return 2 * size**3 * _median_rate(run, 1, windows, 3, 2) / 1e9
+
+
+def run_bench(cfg: Config, device: torch.device, windows: int = 5, steps_per_window: int = 5,
+              num_classes: int = 10) -> dict[str, Any]:
+    """Benchmark `cfg.model` at `cfg.batch_size` / `cfg.precision`; returns the figures as a dict."""
+    img_size = cfg.img_size or 32
+    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+    engine = Engine(cfg, num_classes, img_size, mean, std, True, device)
+    generator = torch.Generator(device).manual_seed(0)
+    source = torch.randint(0, 256, (cfg.batch_size, 3, img_size, img_size), dtype=torch.uint8, device=device,
+                           generator=generator)
+    labels = torch.randint(0, num_classes, (cfg.batch_size,), device=device, generator=generator)
+    step = [0]
+
+    def train_step() -> None:
+        engine.step(source, labels, step[0], cfg.lr)
+        step[0] += 1
+
+    engine.model.train()
+    train_rate = _median_rate(train_step, cfg.batch_size, windows, steps_per_window, warmup=3)
+    engine.model.eval()
+    x = normalize(source, mean, std, channels_last=cfg.channels_last)
+
+    @torch.no_grad()
+    def infer() -> None:
+        with autocast(device, cfg.precision):
+            engine.model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    infer_rate = _median_rate(infer, cfg.batch_size, windows, steps_per_window, warmup=2)
+    peak = matmul_peak_gflops(cfg.precision, device)
+    # forward + backward ~ 3x the forward FLOPs (backward computes gradients of inputs and of weights)
+    gflops_train = 3 * 2 * count_macs(engine.model, img_size) / 1e9
+    return dict(model=cfg.model, batch_size=cfg.batch_size, precision=cfg.precision, img_size=img_size,
+                stochastic_depth=cfg.stochastic_depth, drop_path_rate=cfg.drop_path_rate,
+                auto_augment=cfg.auto_augment, compile=cfg.compile,
+                device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_name()})",
+                threads=torch.get_num_threads(), torch=torch.__version__,
+                train_img_per_s=round(train_rate, 1), infer_img_per_s=round(infer_rate, 1),
+                gflops_per_img_train=round(gflops_train, 4), achieved_gflops=round(train_rate * gflops_train, 1),
+                peak_matmul_gflops=round(peak, 1), fraction_of_peak=round(train_rate * gflops_train / peak, 3))

@@ -1,0 +1,178 @@
+"""Training configuration: one flat dataclass, filled from a recipe (YAML) and `--set KEY=VALUE` overrides.
+
+Recipes are data: a bundled one is named by its file stem (`keras-example`), any other by its path.
+Unknown keys and values of the wrong type are usage errors that name the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import UsageError
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "optimizer": ("adamw", "sgd"),
+    "scheduler": ("cosine", "linear", "constant"),
+    "precision": ("fp32", "bf16", "fp16"),
+    "stochastic_depth": ("droppath", "skip"),
+    "crop": ("pad", "resized", "none"),
+    "on_nan": ("stop", "skip"),
+    "flowers_split": ("official", "cct"),
+}
+
+
+@dataclass
+class Config:
+    """Every knob of a training run. Defaults are the paper's CIFAR set-up where it has one."""
+
+    # what to train on
+    model: str = "cct_7_3x1_32"
+    dataset: str = "cifar10"
+    img_size: int | None = None  # None: the dataset's (32 for CIFAR)
+    train_samples: int | None = None  # use only the first N training images (smoke tests)
+    flowers_split: str = "cct"
+    val_fraction: float = 0.1  # folder datasets without a val/ split
+    strict_images: bool = False  # a bad image file is fatal instead of skipped
+    workers: int = 4  # DataLoader workers for file datasets
+    # schedule and optimiser
+    epochs: int = 300
+    batch_size: int = 128  # per process
+    lr: float = 5.5e-4  # for the global batch (batch_size x processes)
+    min_lr: float = 1e-5
+    warmup_epochs: float = 10.0
+    warmup_lr: float = 1e-5
+    scheduler: str = "cosine"
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    weight_decay: float = 0.06
+    grad_clip: float | None = None
+    label_smoothing: float = 0.1
+    # model regularisation
+    drop_path_rate: float = 0.1
+    stochastic_depth: str = "droppath"
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.1
+    # augmentation (batched, on the training device)
+    crop: str = "pad"
+    padding: int = 4
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    hflip: float = 0.5
+    auto_augment: str | None = None
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mix_prob: float = 1.0
+    switch_prob: float = 0.5
+    mixup_off_epoch: int | None = None
+    erasing: float = 0.0
+    # engine
+    ema: bool = False
+    ema_decay: float = 0.9998
+    precision: str = "bf16"
+    compile: bool = False
+    channels_last: bool = True
+    threads: int | None = None  # torch intra-op threads; None: torch's default
+    seed: int = 0
+    on_nan: str = "stop"
+    # evaluation and checkpoints
+    eval_every: int = 1  # epochs
+    eval_batch_size: int = 500
+    test_time_flip: bool = False
+    checkpoint_every_steps: int | None = None
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def bundled_recipes() -> dict[str, Path]:
+    """Recipe name -> path of the YAML files shipped inside the package."""
+    folder = resources.files("cct") / "recipes"
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def _closest_key(key: str) -> str:
+    close = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.4)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _allowed_types(annotation: Any) -> tuple[type, ...]:
+    hint = eval(annotation, vars(typing), {}) if isinstance(annotation, str) else annotation  # noqa: S307
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return tuple(typing.get_origin(a) or a for a in args)
+
+
+def coerce(key: str, value: Any) -> Any:
+    """Check `value` against the type of `key` (ints accepted where floats are expected)."""
+    if key not in FIELDS:
+        raise UsageError(f"unknown recipe key {key!r}{_closest_key(key)}")
+    allowed = _allowed_types(FIELDS[key].type)
+    if value is None and type(None) in allowed:
+        return None
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+        names = "/".join("null" if t is type(None) else t.__name__ for t in allowed)
+        raise UsageError(f"recipe key {key!r} expects {names}, got {value!r}")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise UsageError(f"recipe key {key!r} must be one of {', '.join(CHOICES[key])}, got {value!r}")
+    return value
+
+
+def _validate(cfg: Config) -> Config:
+    if cfg.epochs < 0:
+        raise UsageError(f"epochs must be >= 0, got {cfg.epochs}")
+    for key in ("batch_size", "eval_batch_size", "eval_every"):
+        if getattr(cfg, key) < 1:
+            raise UsageError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.train_samples is not None and cfg.train_samples < 1:
+        raise UsageError(f"train_samples must be >= 1, got {cfg.train_samples}")
+    if cfg.lr <= 0:
+        raise UsageError(f"lr must be > 0, got {cfg.lr}")
+    for key in ("drop_path_rate", "hflip", "mix_prob", "erasing", "label_smoothing"):
+        if not 0 <= getattr(cfg, key) < 1 + (key in ("hflip", "mix_prob", "erasing")):
+            raise UsageError(f"{key} must be in [0, 1], got {getattr(cfg, key)}")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`KEY=VALUE` with VALUE parsed as YAML (so 1e-3, true, null, [0.8, 1.0] work)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise UsageError(f"--set expects KEY=VALUE, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a Config from a bundled recipe name or a YAML path, then apply `KEY=VALUE` overrides."""
+    recipes = bundled_recipes()
+    path = recipes.get(recipe) or Path(recipe)
+    if not path.is_file():
+        close = difflib.get_close_matches(recipe, recipes, n=1, cutoff=0.4)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UsageError(f"unknown recipe {recipe!r}: {hint}bundled recipes are {', '.join(sorted(recipes))}, "
+                         "or give a YAML file path")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UsageError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"recipe {path} must be a mapping of keys to values")
+    data.update(parse_override(o) for o in overrides)
+    return _validate(Config(**{k: coerce(k, v) for k, v in data.items()}))
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain dict of the resolved configuration (written to the run directory as YAML)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,361 @@
+"""The training loop, top to bottom: data on the device, batched augmentation, autocast, optimiser step, EMA,
+evaluation, atomic checkpoints. The same code runs alone or under torchrun (DDP); only rank 0 writes.
+
+Every random draw of step `s` comes from generators seeded by (seed, s[, rank]), so a run resumed from any
+saved step replays exactly the batches, augmentations, dropout masks and skipped layers it would have had.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import subprocess
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from timm.optim import create_optimizer_v2
+from timm.utils import ModelEmaV3
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..data.augment import BatchAugment, normalize
+from ..data.datasets import build_dataset, dataset_info, eval_transform, train_transform
+from ..data.loader import BatchSource, eval_batch_indices, steps_per_epoch, train_batch_indices
+from ..errors import CCTError
+from ..models import create_model
+from ..models.complexity import count_params
+from . import distributed as dist
+from .config import Config, config_to_dict
+from .report import MetricsLog, Progress
+from .state import atomic_write_text, load_state, model_metadata, save_state, save_weights
+
+STATE_FILE = "last.state.pt"
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """A distinct 63-bit seed per (run seed, step, rank)."""
+    return (seed * 1_000_003 + step) * 1_009 + rank
+
+
+def learning_rate(cfg: Config, step: int, total_steps: int, spe: int) -> float:
+    """Per-step LR: linear warmup from `warmup_lr`, then cosine / linear decay to `min_lr`, or constant.
+    (A pure function of the step rather than a stateful scheduler, so resuming needs no scheduler state.)"""
+    warmup = round(cfg.warmup_epochs * spe)
+    if step < warmup:
+        return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / warmup
+    if cfg.scheduler == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.scheduler == "cosine" else 1 - progress
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * shape
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against soft targets (label smoothing and Mixup/CutMix already folded into them)."""
+    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of a precision: bf16 on CPU and CUDA, fp16 on CUDA only, fp32 none."""
+    if precision == "fp32":
+        return nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise CCTError("precision fp16 needs a CUDA device; use bf16 on a CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def attention_backend(device: torch.device):
+    """The scaled_dot_product_attention kernels for a training step. On CPU the fused flash kernel's backward
+    is slower than the plain math kernel at CCT's sizes (cct_2_3x2_32, batch 128, bf16, 2 cores: 940 vs
+    1,100 img/s, /tmp-free script in benchmarks/attention.py), so training uses math there; inference keeps
+    the default (flash is faster forward-only)."""
+    return sdpa_kernel([SDPBackend.MATH]) if device.type == "cpu" else nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, source: BatchSource, mean, std, cfg: Config, device: torch.device,
+             num_classes: int) -> dict[str, Any]:
+    """Loss, top-1, top-5 and per-class accuracy over the whole evaluation set (sharded over ranks)."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top1, top5
+    per_class = torch.zeros(2, num_classes, dtype=torch.float64, device=device)  # correct, count
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    indices = eval_batch_indices(len(source), cfg.eval_batch_size, dist.rank(), dist.world_size())
+    for images, labels, _ in source.batches(indices):
+        x = normalize(images, mean, std, channels_last=cfg.channels_last)
+        with autocast(device, cfg.precision):
+            logits = model(x).float()
+            if cfg.test_time_flip:
+                logits = 0.5 * (logits + model(x.flip(3)).float())
+        top5 = logits.topk(min(5, num_classes), dim=1).indices
+        correct1 = top5[:, 0] == labels
+        sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
+        sums[1] += correct1.sum()
+        sums[2] += (top5 == labels[:, None]).any(dim=1).sum()
+        per_class[0].index_add_(0, labels, correct1.double())
+        per_class[1].index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+        confusion.view(-1).index_add_(0, labels * num_classes + top5[:, 0], torch.ones_like(labels))
+    for t in (sums, per_class, confusion):
+        dist.all_reduce_sum(t)
+    model.train(was_training)
+    n = per_class[1].sum().item()
+    return dict(loss=sums[0].item() / n, top1=100 * sums[1].item() / n, top5=100 * sums[2].item() / n,
+                per_class_top1=(100 * per_class[0] / per_class[1].clamp(min=1)).tolist(),
+                confusion=confusion.cpu(), images=int(n))
+
+
+@dataclass
+class EpochStats:
+    """Running training loss/accuracy of the current epoch (saved with the state so a mid-epoch resume
+    reports the same epoch figures)."""
+
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    seen: int = 0
+    seconds: float = 0.0
+    skipped: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+
+class Engine:
+    """Model, optimiser, grad scaler, EMA and augmentation of a run, and one optimisation step.
+
+    Shared by the training loop and `cct bench`, so the benchmark times exactly what training runs:
+    augment the uint8 batch on its device, forward under autocast, loss, backward, clip, step, EMA.
+    """
+
+    def __init__(self, cfg: Config, num_classes: int, img_size: int, mean, std, in_memory: bool,
+                 device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.model = create_model(cfg.model, num_classes=num_classes, img_size=img_size,
+                                  drop_path_rate=cfg.drop_path_rate, stochastic_depth=cfg.stochastic_depth,
+                                  drop_rate=cfg.drop_rate, attn_drop_rate=cfg.attn_drop_rate)
+        self.model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+        self.optimizer = create_optimizer_v2(self.model, opt=cfg.optimizer, lr=cfg.lr,
+                                             weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema else None
+        forward = dist.wrap_ddp(self.model, find_unused=cfg.stochastic_depth == "skip")
+        self.forward = torch.compile(forward) if cfg.compile else forward
+        self.augments = {mixing: BatchAugment(
+            num_classes=num_classes, mean=mean, std=std, out_size=img_size,
+            crop=cfg.crop if in_memory else "none", padding=cfg.padding, scale=tuple(cfg.scale), hflip=cfg.hflip,
+            auto_augment=cfg.auto_augment, mixup=cfg.mixup if mixing else 0.0,
+            cutmix=cfg.cutmix if mixing else 0.0, mix_prob=cfg.mix_prob, switch_prob=cfg.switch_prob,
+            label_smoothing=cfg.label_smoothing, erasing=cfg.erasing, channels_last=cfg.channels_last)
+            for mixing in (True, False)}
+        self.generator = torch.Generator(device)
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The weights that are evaluated and saved: the EMA when enabled."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor, step: int, lr: float,
+             mixing: bool = True) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """One optimisation step on a uint8 batch; returns (loss, logits, soft targets). A non-finite loss
+        changes nothing (no update) and is returned for the caller to act on."""
+        cfg = self.cfg
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.generator.manual_seed(step_seed(cfg.seed, step, dist.rank()))
+        torch.manual_seed(step_seed(cfg.seed, step, dist.rank()) + 1)  # dropout masks
+        self.model.seed_stochastic_depth(step_seed(cfg.seed, step))  # the same on every rank
+        x, targets = self.augments[mixing](images, labels, self.generator)
+        with autocast(self.device, cfg.precision), attention_backend(self.device):
+            logits = self.forward(x)
+        loss = soft_cross_entropy(logits, targets)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            return loss_value, logits, targets
+        self.scaler.scale(loss).backward()
+        if cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model, step=step)
+        return loss_value, logits, targets
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                    scaler=self.scaler.state_dict(),
+                    ema=self.ema.module.state_dict() if self.ema is not None else None)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.module.load_state_dict(state["ema"])
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def cpu_name() -> str:
+    """The CPU model, for recorded results."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _load_data(cfg: Config, data_root: Path | None, img_size: int):
+    info = dataset_info(cfg.dataset)
+    kwargs = dict(root=data_root, flowers_split=cfg.flowers_split, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                  strict_images=cfg.strict_images)
+    train_ds = build_dataset(cfg.dataset, "train", **kwargs)
+    eval_split = "test" if "test" in info.splits and info.name != "folder" else "val"
+    eval_ds = build_dataset(cfg.dataset, eval_split, **kwargs)
+    if not info.in_memory:
+        train_ds.transform = train_transform(img_size, scale=tuple(cfg.scale))
+        eval_ds.transform = eval_transform(img_size)
+    return info, train_ds, eval_ds
+
+
+def train(cfg: Config, run_dir: Path, data_root: Path | None = None, resume: bool = False,
+          device: str | None = None) -> dict[str, Any]:
+    """Train `cfg` into `run_dir` (or continue the run saved there with `resume`) and return the summary."""
+    wall_start = time.perf_counter()
+    dist.setup()
+    rank0 = dist.rank() == 0
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and dist.world_size() > 1:
+        dev = torch.device("cuda", dist.local_rank())
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    state = load_state(run_dir / STATE_FILE) if resume else None
+
+    info = dataset_info(cfg.dataset)
+    img_size = cfg.img_size or info.img_size
+    info, train_ds, eval_ds = _load_data(cfg, data_root, img_size)
+    num_classes = len(train_ds.classes)
+    mean, std = info.mean, info.std
+    train_source = BatchSource(train_ds, dev, cfg.workers)
+    eval_source = BatchSource(eval_ds, dev, cfg.workers)
+    num_train = min(len(train_ds), cfg.train_samples or len(train_ds))
+    spe = steps_per_epoch(num_train, cfg.batch_size, dist.world_size())
+    if spe == 0 and cfg.epochs > 0:
+        raise CCTError(f"{num_train} training images are fewer than one batch of {cfg.batch_size} "
+                       f"x {dist.world_size()} process(es): lower batch_size")
+    total_steps = spe * cfg.epochs
+
+    engine = Engine(cfg, num_classes, img_size, mean, std, info.in_memory, dev)
+    model = engine.model
+    history: list[dict[str, Any]] = []
+    step, best_top1, train_seconds, stats = 0, -1.0, 0.0, EpochStats()
+    if state is not None:
+        engine.load_state_dict(state)
+        step, best_top1, train_seconds = state["step"], state["best_top1"], state["train_seconds"]
+        history, stats = state["history"], EpochStats(**state["epoch_stats"])
+    metadata = model_metadata(model, cfg.model, list(train_ds.classes), mean, std, cfg.dataset)
+    log = MetricsLog(run_dir, history) if rank0 else None
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    progress = Progress(total_steps, step, cfg.batch_size * dist.world_size()) if rank0 else None
+    weights_model = engine.eval_model
+
+    def save() -> None:
+        if not rank0:
+            return
+        save_weights(run_dir / "last.safetensors", weights_model, metadata)
+        save_state(run_dir / STATE_FILE, dict(
+            version=1, step=step, **engine.state_dict(), best_top1=best_top1, train_seconds=train_seconds,
+            history=history, epoch_stats=vars(stats), config=config_to_dict(cfg)))
+
+    model.train()
+    while step < total_steps:
+        epoch, offset = divmod(step, spe)
+        mixing = cfg.mixup_off_epoch is None or epoch < cfg.mixup_off_epoch
+        batches = train_batch_indices(num_train, cfg.batch_size, cfg.seed, epoch, dist.rank(), dist.world_size())
+        tic = time.perf_counter()
+        for images, labels, skipped in train_source.batches(batches[offset:]):
+            lr = learning_rate(cfg, step, total_steps, spe)
+            loss_value, logits, targets = engine.step(images, labels, step, lr, mixing)
+            if not math.isfinite(loss_value):
+                if cfg.on_nan == "stop":
+                    raise CCTError(f"loss became {loss_value} at step {step} (epoch {epoch}): stopped; the last "
+                                   f"good checkpoint in {run_dir} is kept (lower lr, or --set on_nan=skip)")
+                stats.extra["nan_steps"] = stats.extra.get("nan_steps", 0) + 1
+                step += 1
+                continue
+            step += 1
+            stats.loss_sum += loss_value * len(labels)
+            stats.correct += (logits.argmax(1) == targets.argmax(1)).sum().item()
+            stats.seen += len(labels)
+            stats.skipped += skipped
+            if progress:
+                progress.update(epoch, loss_value)
+            if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and step % spe:
+                stats.seconds += time.perf_counter() - tic
+                tic = time.perf_counter()
+                save()
+        stats.seconds += time.perf_counter() - tic
+        train_seconds += stats.seconds
+        epoch += 1
+        if epoch % cfg.eval_every == 0 or step >= total_steps:
+            result = evaluate(weights_model, eval_source, mean, std, cfg, dev, num_classes)
+            totals = dist.reduce_floats([stats.loss_sum, stats.correct, stats.seen, stats.skipped])
+            row = dict(epoch=epoch, step=step, lr=engine.optimizer.param_groups[0]["lr"],
+                       train_loss=totals[0] / max(totals[2], 1), train_top1=100 * totals[1] / max(totals[2], 1),
+                       test_loss=result["loss"], test_top1=result["top1"], test_top5=result["top5"],
+                       img_per_s=totals[2] / max(stats.seconds, 1e-9), seconds=round(train_seconds, 2),
+                       skipped=int(totals[3]))
+            if rank0:
+                log.add(row)
+                progress.write(f"epoch {epoch}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
+                               f"top-1 {row['train_top1']:.2f}% | test loss {row['test_loss']:.4f} "
+                               f"top-1 {row['test_top1']:.2f}% top-5 {row['test_top5']:.2f}% | "
+                               f"{row['img_per_s']:.0f} img/s")
+                if result["top1"] > best_top1:
+                    best_top1 = result["top1"]
+                    save_weights(run_dir / "best.safetensors", weights_model, metadata)
+            stats = EpochStats()
+        save()
+
+    if progress:
+        progress.close()
+    if not history or history[-1]["step"] != step:  # epochs=0, or resumed after the last evaluation
+        result = evaluate(weights_model, eval_source, mean, std, cfg, dev, num_classes)
+        final = dict(top1=result["top1"], top5=result["top5"], loss=result["loss"])
+        if rank0 and not (run_dir / "last.safetensors").exists():
+            save()
+    else:
+        final = dict(top1=history[-1]["test_top1"], top5=history[-1]["test_top5"], loss=history[-1]["test_loss"])
+    skipped_total = sum(r.get("skipped", 0) for r in history)
+    summary = dict(
+        model=cfg.model, params=count_params(model), dataset=cfg.dataset, epochs=cfg.epochs, steps=step,
+        batch_size=cfg.batch_size, processes=dist.world_size(), precision=cfg.precision,
+        best_top1=max(best_top1, final["top1"]), final_top1=final["top1"], final_top5=final["top5"],
+        final_loss=final["loss"], train_seconds=round(train_seconds, 2),
+        wall_seconds=round(time.perf_counter() - wall_start, 2),
+        img_per_s=round(num_train * (step / max(spe, 1)) / max(train_seconds, 1e-9), 1),
+        device=str(dev) if dev.type == "cuda" else f"cpu ({cpu_name()})", threads=torch.get_num_threads(),
+        torch=torch.__version__, git_commit=_git_commit(), skipped_images=skipped_total, seed=cfg.seed)
+    if rank0:
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        log.close()
+    dist.barrier()
+    return summary
+

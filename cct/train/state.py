@@ -1,0 +1,84 @@
+"""Checkpoints of a run: weights as safetensors (with the metadata needed to rebuild and use the model) and a
+separate training-state file for `--resume`, each written atomically so a kill at any moment leaves the
+previous file intact and loadable."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..errors import CCTError
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call `write(tmp_path)`, fsync, then rename over `path`: readers see the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Atomically replace a text file."""
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def model_metadata(model: nn.Module, model_name: str, classes: list[str], mean: tuple, std: tuple,
+                   dataset: str, extra: dict[str, Any] | None = None) -> dict[str, str]:
+    """What `cct eval/predict/export` need to rebuild and use a model from its weights file alone."""
+    meta = dict(format="cct", model=model_name, num_classes=model.num_classes, img_size=list(model.img_size),
+                classes=classes, mean=list(mean), std=list(std), dataset=dataset, **(extra or {}))
+    return {k: json.dumps(v) for k, v in meta.items()}
+
+
+def save_weights(path: Path, model: nn.Module, metadata: dict[str, str]) -> None:
+    """Write the model's state dict as safetensors, atomically, with `metadata` in the header."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The cct metadata of a safetensors weights file ({} when it has none)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except Exception as e:  # safetensors raises several types for a bad header
+        raise CCTError(f"{path} is not a readable safetensors file: {str(e).splitlines()[0][:200]}") from None
+    try:
+        return {k: json.loads(v) for k, v in raw.items()}
+    except json.JSONDecodeError:
+        return {}
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """Write the training state (tensors and plain Python values only) atomically."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Read a training state with `weights_only=True`: pickled code in it is refused, never run."""
+    if not path.is_file():
+        raise CCTError(f"cannot resume: no training state at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CCTError(f"refusing to load {path}: it contains pickled Python objects, not only tensors "
+                       f"({str(e).splitlines()[0][:200]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CCTError(f"cannot resume: {path} is not a readable training state ({str(e)[:200]})") from None
