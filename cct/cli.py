@@ -76,27 +76,46 @@ def _data_root(data_dir: str | None) -> Path:
 
 
 def _relaunch_with_torchrun(nproc: int) -> None:
-    """`cct train --nproc-per-node N ...`: start the same command under torchrun on this machine."""
-    import subprocess
+    """`cct train --nproc-per-node N ...`: run the same command under torchrun on this machine (the launcher
+    runs in this process, like `python -m torch.distributed.run --standalone`, so that a failed worker becomes
+    one line here instead of torchrun's report)."""
+    import logging
+    import os
 
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        raise UsageError("--nproc-per-node starts torchrun itself: under torchrun, leave it out "
+                         "(torchrun's own --nproc-per-node sets the processes)")
     argv = sys.argv[1:]
     cleaned, skip = [], False
-    for i, arg in enumerate(argv):
+    for arg in argv:
         if skip:
             skip = False
-            continue
-        if arg == "--nproc-per-node":
+        elif arg == "--nproc-per-node":
             skip = True
-            continue
-        if arg.startswith("--nproc-per-node="):
-            continue
-        cleaned.append(arg)
-        del i
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "cct", *cleaned]
-    code = subprocess.call(command)
-    if code:
-        raise CCTError(f"torchrun exited with code {code} (a worker failed; see its message above)")
+        elif not arg.startswith("--nproc-per-node="):
+            cleaned.append(arg)
+    # torchrun's default (one intra-op thread per process), set here to skip its banner; `--set threads=K` or
+    # OMP_NUM_THREADS choose otherwise
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    elastic_log = logging.getLogger("torch.distributed.elastic")
+    level = elastic_log.level
+    elastic_log.setLevel(logging.CRITICAL)  # its "sending SIGTERM" / "failed" lines: the error below says it
+    try:
+        run(parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "cct", *cleaned]))
+    except ChildFailedError as e:
+        first, _ = e.get_first_failure()
+        how = [f"rank {r} {'killed by ' + f.signal_name() if f.exitcode < 0 else f'exited with code {f.exitcode}'}"
+               for r, f in sorted(e.failures.items(), key=lambda item: item[0] != first)]
+        raise CCTError(f"a worker failed ({', '.join(how)}; the first is the cause, torchrun stops the others): "
+                       "the last checkpoint is kept, run the same command with --resume to continue") from None
+    except SignalException as e:
+        raise KeyboardInterrupt from e
+    finally:
+        elastic_log.setLevel(level)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -120,6 +139,111 @@ def cmd_bench(args: argparse.Namespace) -> None:
         return
     for key, value in result.items():
         print(f"{key:<22}{value}")
+
+
+def cmd_recipes(args: argparse.Namespace) -> None:
+    """List the bundled recipes with their model, dataset and epochs."""
+    import yaml
+
+    from .train import bundled_recipes
+
+    rows = []
+    for name, path in sorted(bundled_recipes().items()):
+        data = yaml.safe_load(path.read_text()) or {}
+        rows.append(dict(name=name, model=data.get("model"), dataset=data.get("dataset"),
+                         epochs=data.get("epochs"), path=str(path)))
+    if args.json:
+        _print_json(rows)
+        return
+    for r in rows:
+        print(f"{r['name']:<18}{r['model']:<20}{r['dataset']:<12}{r['epochs']:>5} epochs")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Evaluate a trained model on a dataset's test split: top-1, top-5, loss, per-class accuracy."""
+    import torch
+
+    from .data.datasets import build_dataset, dataset_info, eval_transform
+    from .data.loader import BatchSource
+    from .models.checkpoint import load_trained
+    from .train.config import Config
+    from .train.loop import evaluate
+    from .train.report import plot_confusion
+
+    model, meta = load_trained(args.checkpoint, args.model)
+    dataset = args.dataset or meta.get("dataset")
+    if not dataset:
+        raise UsageError("the checkpoint does not name its dataset: pass --dataset NAME")
+    info = dataset_info(dataset)
+    split = "test" if "test" in info.splits and info.name != "folder" else "val"
+    data = build_dataset(dataset, split, root=_data_root(args.data_dir))
+    if len(data.classes) != model.num_classes:
+        raise CCTError(f"{dataset} has {len(data.classes)} classes but the model predicts {model.num_classes}")
+    if not info.in_memory:
+        data.transform = eval_transform(model.img_size[0])
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    cfg = Config(precision=args.precision, eval_batch_size=args.batch_size, test_time_flip=args.flip)
+    result = evaluate(model, BatchSource(data, device, args.workers), meta["mean"], meta["std"], cfg, device,
+                      model.num_classes)
+    confusion = result.pop("confusion")
+    report = dict(model=meta["model"], checkpoint=str(args.checkpoint), dataset=dataset, split=split,
+                  top1=result["top1"], top5=result["top5"], loss=result["loss"], images=result["images"],
+                  per_class_top1=dict(zip(data.classes, result["per_class_top1"], strict=True)))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        plot_confusion(confusion, data.classes, out / "confusion.png", title=f"{meta['model']} on {dataset}")
+        (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    if args.json:
+        _print_json(report)
+        return
+    print(f"{report['model']} on {dataset}/{split} ({report['images']} images): top-1 {report['top1']:.2f}%  "
+          f"top-5 {report['top5']:.2f}%  loss {report['loss']:.4f}")
+    for name, acc in report["per_class_top1"].items():
+        print(f"  {name:<24}{acc:6.2f}%")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    """Classify image files with a trained model."""
+    import torch
+
+    from .data.augment import normalize
+    from .data.datasets import BadImage, decode_image_file, eval_transform
+    from .models.checkpoint import load_trained
+
+    model, meta = load_trained(args.checkpoint, args.model)
+    transform = eval_transform(model.img_size[0], crop_pct=1.0)
+    images = torch.stack([transform(_decode(path, decode_image_file, BadImage)) for path in args.images])
+    with torch.no_grad():
+        probs = model(normalize(images, meta["mean"], meta["std"])).float().softmax(dim=1)
+    k = min(args.topk, probs.shape[1])
+    top = probs.topk(k, dim=1)
+    results = [dict(image=str(path), predictions=[dict(label=meta["classes"][i], probability=round(p, 6))
+                                                   for p, i in zip(values.tolist(), idx.tolist(), strict=True)])
+               for path, values, idx in zip(args.images, top.values, top.indices, strict=True)]
+    if args.json:
+        _print_json(results)
+        return
+    for r in results:
+        print(r["image"])
+        for p in r["predictions"]:
+            print(f"  {p['probability'] * 100:6.2f}%  {p['label']}")
+
+
+def _decode(path: str, decode, bad_image: type[Exception]):
+    try:
+        return decode(path)
+    except bad_image as e:
+        raise CCTError(f"{path}: {e}") from None
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """Export a trained model to ONNX (dynamic batch), safetensors or TorchScript."""
+    from .models.export import export_model
+
+    out = export_model(args.checkpoint, args.format, Path(args.output), model_name=args.model)
+    print(f"wrote {out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,6 +291,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, default=5, help="timed windows (the median is reported)")
     p.add_argument("--device", choices=("cpu", "cuda"))
     p.add_argument("--json", action="store_true", help="print one JSON document")
+
+    p = add("recipes", cmd_recipes, "list the bundled recipes", "  cct recipes\n  cct recipes --json")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+
+    p = add("eval", cmd_eval, "evaluate a trained model (weights file or run directory) on a test split",
+            "  cct eval runs/keras-example\n  cct eval runs/keras-example/best.safetensors --json --out report/")
+    p.add_argument("checkpoint", help="a .safetensors weights file, a run directory, or an official .pth")
+    p.add_argument("--model", help="architecture name, for files that do not record it (official .pth)")
+    p.add_argument("--dataset", help="dataset name (default: the one the model was trained on)")
+    p.add_argument("--data-dir", help="folder holding the datasets (default: $CCT_DATA, then ./data)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="bf16",
+                   help="autocast precision (default bf16, as training evaluates)")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--workers", type=int, default=4, help="decoding workers for file datasets")
+    p.add_argument("--flip", action="store_true", help="test-time horizontal-flip averaging")
+    p.add_argument("--device", choices=("cpu", "cuda"))
+    p.add_argument("--out", help="folder for eval.json and confusion.png")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+
+    p = add("predict", cmd_predict, "classify images with a trained model",
+            "  cct predict runs/keras-example cat.jpg dog.png\n  cct predict model.safetensors *.jpg --topk 3 --json")
+    p.add_argument("checkpoint", help="a .safetensors weights file or a run directory")
+    p.add_argument("images", nargs="+", help="image files (any size or mode)")
+    p.add_argument("--model", help="architecture name, for files that do not record it")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+
+    p = add("export", cmd_export, "export a trained model to ONNX, safetensors or TorchScript",
+            "  cct export runs/keras-example --format onnx -o cct2.onnx\n"
+            "  cct export runs/keras-example --format torchscript -o cct2.pt")
+    p.add_argument("checkpoint", help="a .safetensors weights file or a run directory")
+    p.add_argument("--format", required=True, choices=("onnx", "safetensors", "torchscript"))
+    p.add_argument("-o", "--output", required=True, help="output file")
+    p.add_argument("--model", help="architecture name, for files that do not record it")
     return parser
 
 

@@ -6,14 +6,16 @@ Nothing here unpickles arbitrary objects: safetensors, or `torch.load(weights_on
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -141,3 +143,63 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise CCTError(f"checkpoint {path} does not fit {name}: {problem}")
     model.load_state_dict(state_dict)
     return model
+
+
+def model_metadata(model: nn.Module, model_name: str, classes: list[str], mean, std, dataset: str,
+                   extra: dict[str, Any] | None = None) -> dict[str, str]:
+    """The safetensors header of a trained model: what `cct eval/predict/export` need to rebuild and use it
+    from the weights file alone (architecture name, classes and their names, input size, normalisation)."""
+    meta = dict(format="cct", model=model_name, num_classes=model.num_classes, img_size=list(model.img_size),
+                classes=list(classes), mean=list(mean), std=list(std), dataset=dataset, **(extra or {}))
+    return {k: json.dumps(v) for k, v in meta.items()}
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The cct metadata of a safetensors weights file ({} when it has none, e.g. a bare state dict)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except Exception as e:  # safetensors raises several exception types for a bad header
+        raise CCTError(f"{path} is not a readable safetensors file: {str(e).splitlines()[0][:200]}") from None
+    try:
+        return {k: json.loads(v) for k, v in raw.items()}
+    except json.JSONDecodeError:
+        return {}
+
+
+def resolve_weights_path(path: str | os.PathLike) -> Path:
+    """A weights file from what a user names: the file itself, or a run directory (its best, else last)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.safetensors", "last.safetensors", "model.safetensors"):
+            if (path / name).is_file():
+                return path / name
+        raise CCTError(f"{path} holds no best.safetensors, last.safetensors or model.safetensors")
+    if not path.is_file():
+        raise CCTError(f"checkpoint not found: {path}")
+    return path
+
+
+def load_trained(path: str | os.PathLike, model_name: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a trained model from a cct weights file (or run directory) and return it (eval mode) with its
+    metadata. Files without metadata (official .pth, bare state dicts) need `model_name`."""
+    from .factory import create_model
+
+    path = resolve_weights_path(path)
+    with open(path, "rb") as f:
+        is_safetensors = f.read(1) not in (b"P", b"\x80")  # zip or pickle magic: a PyTorch file
+    meta = read_metadata(path) if is_safetensors else {}
+    name = model_name or meta.get("model")
+    if name is None:
+        raise CCTError(f"{path} does not say which model it holds: pass --model NAME")
+    kwargs = {k: meta[k] for k in ("num_classes",) if k in meta}
+    if "img_size" in meta:
+        kwargs["img_size"] = tuple(meta["img_size"])
+    model = create_model(name, checkpoint=path, **kwargs).eval()
+    if "classes" not in meta:
+        meta["classes"] = [str(i) for i in range(model.num_classes)]
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    meta.setdefault("mean", list(cfg.get("mean", (0.5, 0.5, 0.5))))
+    meta.setdefault("std", list(cfg.get("std", (0.5, 0.5, 0.5))))
+    meta["model"] = name
+    return model, meta

@@ -50,6 +50,7 @@ class Config:
     min_lr: float = 1e-5
     warmup_epochs: float = 10.0
     warmup_lr: float = 1e-5
+    cooldown_epochs: float = 0.0  # final epochs held at min_lr (timm's cool-down)
     scheduler: str = "cosine"
     optimizer: str = "adamw"
     momentum: float = 0.9

@@ -3,12 +3,18 @@ wrapper, reductions of metrics and "only rank 0 writes". Everything else is PyTo
 
 from __future__ import annotations
 
+import functools
 import os
+import re
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as td
 from torch.nn.parallel import DistributedDataParallel
+
+from ..errors import CCTError
 
 
 def is_distributed() -> bool:
@@ -63,3 +69,29 @@ def reduce_floats(values: list[float]) -> list[float]:
         return [float(v) for v in values]
     device = "cuda" if td.get_backend() == "nccl" else "cpu"
     return all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
+
+
+def _is_peer_failure(error: BaseException) -> bool:
+    text = str(error)
+    return isinstance(error, td.DistError) or any(
+        key in text for key in ("gloo", "NCCL", "Connection reset", "Connection closed", "Broken pipe"))
+
+
+def peer_failures_as_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Under DDP, a collective that fails because another worker died (gloo/NCCL errors raised from backward,
+    all_reduce or barrier) becomes a one-line CCTError on the surviving ranks instead of a traceback each;
+    torchrun then stops them and `cct train --nproc-per-node` names the worker that failed first."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except RuntimeError as e:
+            if not is_distributed() or not _is_peer_failure(e):
+                raise
+            detail = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip() or type(e).__name__).splitlines()[0])
+            detail = detail.split(". ")[0][:160]  # "[.../pair.cc:545] Read error ...: Connection reset by peer"
+            raise CCTError(f"rank {rank()} lost contact with another worker ({detail}); "
+                           "the job stops, the last checkpoint is kept") from e
+
+    return wrapper

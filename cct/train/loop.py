@@ -29,11 +29,12 @@ from ..data.datasets import build_dataset, dataset_info, eval_transform, train_t
 from ..data.loader import BatchSource, eval_batch_indices, steps_per_epoch, train_batch_indices
 from ..errors import CCTError
 from ..models import create_model
+from ..models.checkpoint import model_metadata
 from ..models.complexity import count_params
 from . import distributed as dist
 from .config import Config, config_to_dict
 from .report import MetricsLog, Progress
-from .state import atomic_write_text, load_state, model_metadata, save_state, save_weights
+from .state import atomic_write_text, load_state, save_state, save_weights
 
 STATE_FILE = "last.state.pt"
 
@@ -44,14 +45,16 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
 
 
 def learning_rate(cfg: Config, step: int, total_steps: int, spe: int) -> float:
-    """Per-step LR: linear warmup from `warmup_lr`, then cosine / linear decay to `min_lr`, or constant.
-    (A pure function of the step rather than a stateful scheduler, so resuming needs no scheduler state.)"""
+    """Per-step LR: linear warmup from `warmup_lr`, then cosine / linear decay to `min_lr` (held there for the
+    last `cooldown_epochs`), or constant. A pure function of the step rather than timm's stateful per-epoch
+    scheduler: resuming mid-epoch needs no scheduler state, and warmup moves every step."""
     warmup = round(cfg.warmup_epochs * spe)
     if step < warmup:
         return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / warmup
     if cfg.scheduler == "constant":
         return cfg.lr
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    decay_steps = total_steps - warmup - round(cfg.cooldown_epochs * spe)
+    progress = min(1.0, (step - warmup) / max(1, decay_steps))
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.scheduler == "cosine" else 1 - progress
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * shape
 
@@ -124,6 +127,12 @@ class EpochStats:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+def _summed_over_ranks(stats: EpochStats) -> dict[str, Any]:
+    """The running epoch figures summed over DDP ranks, as a checkpoint saves them (a collective: every rank
+    calls it). Identity in a single process."""
+    sums = dist.reduce_floats([stats.loss_sum, stats.correct, stats.seen, stats.skipped])
+    return dict(vars(stats), loss_sum=sums[0], correct=sums[1], seen=int(sums[2]), skipped=int(sums[3]))
+
 
 class Engine:
     """Model, optimiser, grad scaler, EMA and augmentation of a run, and one optimisation step.
@@ -142,8 +151,9 @@ class Engine:
         self.optimizer = create_optimizer_v2(self.model, opt=cfg.optimizer, lr=cfg.lr,
                                              weight_decay=cfg.weight_decay, momentum=cfg.momentum)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-        self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema else None
+        # DDP first: its constructor broadcasts rank 0's initial weights, which the EMA copy must start from.
         forward = dist.wrap_ddp(self.model, find_unused=cfg.stochastic_depth == "skip")
+        self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema else None
         self.forward = torch.compile(forward) if cfg.compile else forward
         self.augments = {mixing: BatchAugment(
             num_classes=num_classes, mean=mean, std=std, out_size=img_size,
@@ -174,6 +184,8 @@ class Engine:
             logits = self.forward(x)
         loss = soft_cross_entropy(logits, targets)
         loss_value = loss.item()
+        if dist.is_distributed() and dist.reduce_floats([float(not math.isfinite(loss_value))])[0]:
+            loss_value = math.nan  # non-finite on some rank: every rank skips (a rank alone out of backward hangs)
         if not math.isfinite(loss_value):
             return loss_value, logits, targets
         self.scaler.scale(loss).backward()
@@ -233,6 +245,7 @@ def _load_data(cfg: Config, data_root: Path | None, img_size: int):
     return info, train_ds, eval_ds
 
 
+@dist.peer_failures_as_errors
 def train(cfg: Config, run_dir: Path, data_root: Path | None = None, resume: bool = False,
           device: str | None = None) -> dict[str, Any]:
     """Train `cfg` into `run_dir` (or continue the run saved there with `resume`) and return the summary."""
@@ -260,6 +273,7 @@ def train(cfg: Config, run_dir: Path, data_root: Path | None = None, resume: boo
                        f"x {dist.world_size()} process(es): lower batch_size")
     total_steps = spe * cfg.epochs
 
+    torch.manual_seed(cfg.seed)  # the initial weights
     engine = Engine(cfg, num_classes, img_size, mean, std, info.in_memory, dev)
     model = engine.model
     history: list[dict[str, Any]] = []
@@ -268,6 +282,8 @@ def train(cfg: Config, run_dir: Path, data_root: Path | None = None, resume: boo
         engine.load_state_dict(state)
         step, best_top1, train_seconds = state["step"], state["best_top1"], state["train_seconds"]
         history, stats = state["history"], EpochStats(**state["epoch_stats"])
+        if not rank0:  # the saved running sums are over all ranks (see save): rank 0 alone carries them on
+            stats = EpochStats(seconds=stats.seconds, extra=stats.extra)
     metadata = model_metadata(model, cfg.model, list(train_ds.classes), mean, std, cfg.dataset)
     log = MetricsLog(run_dir, history) if rank0 else None
     if rank0:
@@ -276,13 +292,13 @@ def train(cfg: Config, run_dir: Path, data_root: Path | None = None, resume: boo
     progress = Progress(total_steps, step, cfg.batch_size * dist.world_size()) if rank0 else None
     weights_model = engine.eval_model
 
-    def save() -> None:
+    def save(epoch_stats: dict[str, Any] | None = None) -> None:
         if not rank0:
             return
         save_weights(run_dir / "last.safetensors", weights_model, metadata)
         save_state(run_dir / STATE_FILE, dict(
             version=1, step=step, **engine.state_dict(), best_top1=best_top1, train_seconds=train_seconds,
-            history=history, epoch_stats=vars(stats), config=config_to_dict(cfg)))
+            history=history, epoch_stats=epoch_stats or vars(stats), config=config_to_dict(cfg)))
 
     model.train()
     while step < total_steps:
@@ -310,7 +326,7 @@ def train(cfg: Config, run_dir: Path, data_root: Path | None = None, resume: boo
             if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and step % spe:
                 stats.seconds += time.perf_counter() - tic
                 tic = time.perf_counter()
-                save()
+                save(_summed_over_ranks(stats))
         stats.seconds += time.perf_counter() - tic
         train_seconds += stats.seconds
         epoch += 1
@@ -331,8 +347,11 @@ def train(cfg: Config, run_dir: Path, data_root: Path | None = None, resume: boo
                 if result["top1"] > best_top1:
                     best_top1 = result["top1"]
                     save_weights(run_dir / "best.safetensors", weights_model, metadata)
+            else:  # other ranks keep the same history: the end-of-run "evaluate again?" test (a collective)
+                history.append(row)  # must take the same branch on every rank, or the job hangs
+                best_top1 = max(best_top1, result["top1"])
             stats = EpochStats()
-        save()
+        save(_summed_over_ranks(stats))
 
     if progress:
         progress.close()

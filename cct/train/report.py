@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from .state import atomic_write, atomic_write_text
@@ -115,6 +116,33 @@ def plot_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> N
     axes[1].legend()
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+    plt.close(fig)
+
+
+def plot_confusion(confusion, classes: list[str], path: Path, title: str = "") -> None:
+    """Draw a confusion matrix (rows: true class, columns: predicted), normalised per true class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = confusion.double()
+    matrix = (matrix / matrix.sum(dim=1, keepdim=True).clamp(min=1)).numpy()
+    size = min(4 + 0.35 * len(classes), 30)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
+    if len(classes) <= 30:
+        ax.set_xticks(range(len(classes)), classes, rotation=90)
+        ax.set_yticks(range(len(classes)), classes)
+        for (i, j), value in np.ndenumerate(matrix):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if value > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if title:
+        ax.set_title(title)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
     plt.close(fig)

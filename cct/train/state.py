@@ -4,7 +4,6 @@ previous file intact and loadable."""
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import tempfile
@@ -12,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -39,31 +37,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def model_metadata(model: nn.Module, model_name: str, classes: list[str], mean: tuple, std: tuple,
-                   dataset: str, extra: dict[str, Any] | None = None) -> dict[str, str]:
-    """What `cct eval/predict/export` need to rebuild and use a model from its weights file alone."""
-    meta = dict(format="cct", model=model_name, num_classes=model.num_classes, img_size=list(model.img_size),
-                classes=classes, mean=list(mean), std=list(std), dataset=dataset, **(extra or {}))
-    return {k: json.dumps(v) for k, v in meta.items()}
-
-
 def save_weights(path: Path, model: nn.Module, metadata: dict[str, str]) -> None:
     """Write the model's state dict as safetensors, atomically, with `metadata` in the header."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The cct metadata of a safetensors weights file ({} when it has none)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-    except Exception as e:  # safetensors raises several types for a bad header
-        raise CCTError(f"{path} is not a readable safetensors file: {str(e).splitlines()[0][:200]}") from None
-    try:
-        return {k: json.loads(v) for k, v in raw.items()}
-    except json.JSONDecodeError:
-        return {}
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:

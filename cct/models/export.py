@@ -1,0 +1,53 @@
+"""Export a trained model for use outside PyTorch training: ONNX (dynamic batch axis), safetensors weights
+with their metadata, or TorchScript."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import CCTError, UsageError
+from .checkpoint import load_trained, model_metadata
+
+FORMATS = ("onnx", "safetensors", "torchscript")
+
+
+def export_model(checkpoint: str | os.PathLike, fmt: str, output: Path, model_name: str | None = None) -> Path:
+    """Write `checkpoint`'s model to `output` in format `fmt`; the output is written to a temporary file
+    first and renamed, so a failed export never leaves a half-written file."""
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    model, meta = load_trained(checkpoint, model_name)
+    model = model.float().eval()
+    height, width = model.img_size
+    example = torch.zeros(1, 3, height, width)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp")
+    try:
+        if fmt == "onnx":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(model, (example,), str(tmp), input_names=["images"], output_names=["logits"],
+                                  dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                                  opset_version=17, dynamo=False)
+        elif fmt == "torchscript":
+            with torch.no_grad():
+                torch.jit.save(torch.jit.trace(model, example), str(tmp))
+        else:
+            extra = {k: v for k, v in meta.items()
+                     if k not in ("format", "model", "num_classes", "img_size", "classes", "mean", "std", "dataset")}
+            metadata = model_metadata(model, meta["model"], meta["classes"], meta["mean"], meta["std"],
+                                      meta.get("dataset", ""), extra)
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, output)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CCTError(f"cannot write {output}: {e.strerror or e}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return output

@@ -1,0 +1,214 @@
+"""Training through the real CLI: outputs of a run, exact resume after kill -9, eval/predict/export round trips,
+every bundled recipe building its model and data, configuration errors."""
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from cct.cli import main
+from cct.errors import UsageError
+from cct.train import bundled_recipes, load_config
+from cct.train.config import Config
+from cct.train.loop import learning_rate
+from tests.data.test_datasets import _flowers_tree
+
+SUMMARY_KEYS = {"model", "params", "dataset", "epochs", "best_top1", "final_top1", "final_top5", "train_seconds",
+                "img_per_s", "device", "torch", "git_commit", "skipped_images"}
+
+
+def test_run_directory_holds_every_output(trained_run):
+    files = {p.name for p in trained_run.iterdir()}
+    assert {"config.yaml", "metrics.csv", "curves.png", "summary.json", "last.safetensors", "best.safetensors",
+            "last.state.pt", "tensorboard"} <= files
+    assert any(p.name.startswith("events.out.tfevents") for p in (trained_run / "tensorboard").iterdir())
+    rows = list(csv.DictReader((trained_run / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert [int(r["step"]) for r in rows] == [8, 16]
+    assert set(rows[0]) == {"epoch", "step", "lr", "train_loss", "train_top1", "test_loss", "test_top1",
+                            "test_top5", "img_per_s", "seconds"}
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["params"] == 283_723 and summary["epochs"] == 2 and summary["skipped_images"] == 0
+    assert summary["final_top1"] == pytest.approx(float(rows[-1]["test_top1"]))
+    assert summary["final_top1"] > 15  # 2 epochs on 512 images: better than chance (10%)
+    assert (trained_run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert not [p for p in trained_run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_existing_run_is_not_overwritten(trained_run, data_root, capsys):
+    before = (trained_run / "last.safetensors").read_bytes()
+    assert main(["train", "keras-example", "--data-dir", str(data_root), "--out", str(trained_run)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (trained_run / "last.safetensors").read_bytes() == before
+
+
+def _step_of(state_path: Path) -> int:
+    try:
+        return torch.load(state_path, weights_only=True)["step"]
+    except (FileNotFoundError, RuntimeError, EOFError):
+        return -1
+
+
+def _cct(*args: str, data_root: Path) -> subprocess.Popen:
+    env = dict(os.environ, CCT_DATA=str(data_root), OMP_NUM_THREADS="2")
+    return subprocess.Popen([sys.executable, "-m", "cct", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_kill_9_mid_epoch_then_resume_equals_uninterrupted(data_root, tmp_path):
+    args = ["train", "keras-example", "--set", "epochs=2", "--set", "train_samples=1024", "--set", "batch_size=32",
+            "--set", "checkpoint_every_steps=4", "--set", "eval_batch_size=2000"]
+    reference = _cct(*args, "--out", str(tmp_path / "ref"), data_root=data_root)
+    killed = _cct(*args, "--out", str(tmp_path / "run"), data_root=data_root)
+    state = tmp_path / "run" / "last.state.pt"
+    deadline = time.time() + 300
+    while _step_of(state) < 12 and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert killed.poll() is None, "the run finished before it could be killed"
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    step_at_kill = _step_of(state)
+    assert 12 <= step_at_kill < 64 and step_at_kill % 32  # killed mid-epoch, a checkpoint every 4 steps
+    load_file(tmp_path / "run" / "last.safetensors")  # the weights left behind load
+    resumed = _cct(*args, "--out", str(tmp_path / "run"), "--resume", data_root=data_root)
+    assert resumed.wait() == 0, resumed.stdout.read()
+    assert reference.wait() == 0, reference.stdout.read()
+    ref = load_file(tmp_path / "ref" / "last.safetensors")
+    got = load_file(tmp_path / "run" / "last.safetensors")
+    for key in ref:
+        assert torch.equal(ref[key], got[key]), key
+    ref_rows = (tmp_path / "ref" / "metrics.csv").read_text().splitlines()
+    got_rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    drop_timing = [[c for i, c in enumerate(r.split(",")) if i not in (8, 9)] for r in ref_rows]
+    assert drop_timing == [[c for i, c in enumerate(r.split(",")) if i not in (8, 9)] for r in got_rows]
+
+
+def test_eval_matches_training_and_writes_confusion(trained_run, data_root, tmp_path, capsys):
+    assert main(["eval", str(trained_run), "--data-dir", str(data_root), "--precision", "bf16", "--json",
+                 "--out", str(tmp_path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert report["images"] == 10_000
+    assert report["top1"] == pytest.approx(summary["best_top1"], abs=1e-6)
+    assert len(report["per_class_top1"]) == 10 and "airplane" in report["per_class_top1"]
+    assert (tmp_path / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_predict_any_image_mode(trained_run, tmp_path, capsys):
+    rgb = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    paths = [tmp_path / "a.png", tmp_path / "b.jpg", tmp_path / "c.png"]
+    Image.fromarray(rgb).save(paths[0])
+    Image.fromarray(rgb).convert("L").save(paths[1])
+    Image.fromarray(rgb).convert("RGBA").save(paths[2])
+    assert main(["predict", str(trained_run), *map(str, paths), "--topk", "3", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["image"] for r in results] == list(map(str, paths))
+    for r in results:
+        probs = [p["probability"] for p in r["predictions"]]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    assert main(["predict", str(trained_run), str(bad)]) == 1
+    assert "bad.jpg" in capsys.readouterr().err
+
+
+def test_export_onnx_torchscript_safetensors(trained_run, tmp_path):
+    import onnxruntime
+
+    from cct.models.checkpoint import load_trained
+
+    model, meta = load_trained(trained_run)
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert main(["export", str(trained_run), "--format", "onnx", "-o", str(tmp_path / "m.onnx")]) == 0
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
+    got = session.run(None, {"images": x.numpy()})[0]  # batch 5 through a model exported with batch 1
+    assert np.abs(got - expected).max() < 1e-4
+    assert main(["export", str(trained_run), "--format", "torchscript", "-o", str(tmp_path / "m.pt")]) == 0
+    scripted = torch.jit.load(str(tmp_path / "m.pt"))
+    assert np.abs(scripted(x).detach().numpy() - expected).max() < 1e-5
+    assert main(["export", str(trained_run), "--format", "safetensors", "-o", str(tmp_path / "w.safetensors")]) == 0
+    reloaded, meta2 = load_trained(tmp_path / "w.safetensors")
+    assert meta2["classes"] == meta["classes"]
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), model(x))
+
+
+def _tiny_trees(root: Path) -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    for split in ("train", "val"):
+        for wnid in ("n01440764", "n01443537"):
+            folder = root / "imagenet" / split / wnid
+            folder.mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rgb).save(folder / f"{i}.JPEG")
+    labels = [1 + i % 102 for i in range(204)]
+    _flowers_tree(root, labels, {"trnid": list(range(1, 103)), "valid": list(range(103, 154)),
+                                 "tstid": list(range(154, 205))}, make_files=204)
+
+
+@pytest.mark.parametrize("recipe", sorted(bundled_recipes()))
+def test_every_bundled_recipe_builds_model_and_data(recipe, data_root, tmp_path, capsys):
+    cfg = load_config(recipe)
+    if cfg.dataset == "cifar100":  # not on this machine: the error must say what to put where
+        assert main(["train", recipe, "--data-dir", str(tmp_path), "--set", "epochs=0",
+                     "--out", str(tmp_path / "run")]) == 1
+        assert "cifar-100-python" in capsys.readouterr().err
+        return
+    root = data_root
+    if cfg.dataset in ("flowers102", "imagenet"):
+        root = tmp_path / "data"
+        _tiny_trees(root)
+    args = ["train", recipe, "--data-dir", str(root), "--set", "epochs=0", "--set", "workers=0",
+            "--out", str(tmp_path / "run")]
+    if cfg.img_size and cfg.img_size > 32:
+        args += ["--set", "img_size=64", "--set", "eval_batch_size=64"]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["model"] == cfg.model and summary["steps"] == 0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("epoch=3", "unknown recipe key 'epoch'; did you mean 'epochs'"),
+    ("epochs=three", "'epochs' expects int"),
+    ("epochs=-1", "epochs must be >= 0"),
+    ("batch_size=0", "batch_size must be >= 1"),
+    ("precision=fp8", "must be one of fp32, bf16, fp16"),
+    ("lr", "--set expects KEY=VALUE"),
+])
+def test_bad_overrides_are_usage_errors(override, message):
+    with pytest.raises(UsageError, match=message):
+        load_config("keras-example", [override])
+
+
+def test_unknown_recipe_and_cli_exit_codes(tmp_path, capsys):
+    with pytest.raises(UsageError, match="did you mean 'keras-example'"):
+        load_config("keras-exampel")
+    assert main(["train", "keras-exampel", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_learning_rate_schedule():
+    cfg = Config(lr=1.0, min_lr=0.1, warmup_epochs=1, warmup_lr=0.0, scheduler="cosine", cooldown_epochs=1)
+    spe, total = 10, 50
+    assert learning_rate(cfg, 0, total, spe) == 0.0
+    assert learning_rate(cfg, 5, total, spe) == pytest.approx(0.5)
+    assert learning_rate(cfg, 10, total, spe) == pytest.approx(1.0)
+    assert learning_rate(cfg, 25, total, spe) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 15 / 30)))
+    assert learning_rate(cfg, 40, total, spe) == pytest.approx(0.1)
+    assert learning_rate(cfg, 49, total, spe) == pytest.approx(0.1)
