@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -64,6 +65,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     if not args.resume and (run_dir / "last.state.pt").exists():
         raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, or --out another folder")
     summary = train(cfg, run_dir, data_root=_data_root(args.data_dir), resume=args.resume, device=args.device)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return
     print(f"done: {summary['model']} on {summary['dataset']}: final top-1 {summary['final_top1']:.2f}% "
           f"(best {summary['best_top1']:.2f}%), {summary['train_seconds']:.0f} s training, "
           f"{summary['wall_seconds']:.0f} s in all; outputs in {run_dir}")
@@ -80,6 +83,7 @@ def _relaunch_with_torchrun(nproc: int) -> None:
     runs in this process, like `python -m torch.distributed.run --standalone`, so that a failed worker becomes
     one line here instead of torchrun's report)."""
     import logging
+import os
     import os
 
     from torch.distributed.elastic.multiprocessing import SignalException
@@ -246,6 +250,22 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def cmd_push(args: argparse.Namespace) -> None:
+    """Upload a trained model to the Hugging Face Hub as a timm-compatible model folder."""
+    import tempfile
+
+    from .models.export import export_model
+    from .models.hub import is_hub_folder, push_to_hub
+
+    if is_hub_folder(args.checkpoint):
+        url = push_to_hub(Path(args.checkpoint), args.repo_id, args.token)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = export_model(args.checkpoint, "hub", Path(tmp) / "model", model_name=args.model)
+            url = push_to_hub(folder, args.repo_id, args.token)
+    print(f"pushed to {url}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command (also used to render `--help`)."""
     parser = _Parser(prog="cct", description="Train, evaluate and ship Compact Convolutional Transformers.",
@@ -320,10 +340,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("export", cmd_export, "export a trained model to ONNX, safetensors or TorchScript",
             "  cct export runs/keras-example --format onnx -o cct2.onnx\n"
-            "  cct export runs/keras-example --format torchscript -o cct2.pt")
+            "  cct export runs/keras-example --format torchscript -o cct2.pt\n"
+            "  cct export runs/keras-example --format hub -o hub/cct2-cifar10")
     p.add_argument("checkpoint", help="a .safetensors weights file or a run directory")
-    p.add_argument("--format", required=True, choices=("onnx", "safetensors", "torchscript"))
-    p.add_argument("-o", "--output", required=True, help="output file")
+    p.add_argument("--format", required=True, choices=("onnx", "safetensors", "torchscript", "hub"))
+    p.add_argument("-o", "--output", required=True, help="output file (a new folder for --format hub)")
+    p.add_argument("--model", help="architecture name, for files that do not record it")
+
+    p = add("push", cmd_push, "upload a trained model to the Hugging Face Hub (needs a network and a token)",
+            "  cct push runs/keras-example me/cct2-cifar10\n  cct push hub/cct2-cifar10 me/cct2-cifar10")
+    p.add_argument("checkpoint", help="a run directory, weights file or Hub folder")
+    p.add_argument("repo_id", help="namespace/name on the Hub")
+    p.add_argument("--token", help="Hub token (default: HF_TOKEN or the cached login)")
     p.add_argument("--model", help="architecture name, for files that do not record it")
     return parser
 

@@ -203,15 +203,26 @@ class CCT(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image batch -> normalised output tokens (B x N x embed_dim), class token first for ViT-Lite."""
+        grid = self.tokenizer.grid_size(tuple(x.shape[-2:]))
         x = self.tokenizer(x)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         if self.pos_embed is not None:
-            x = x + self.pos_embed
+            x = x + self._pos_embed_for(grid)
         x = self.pos_drop(x)
         for block, keep in zip(self.blocks, self._skip_decisions(), strict=True):
             x = block(x, keep)
         return self.norm(x)
+
+    def _pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The position table for a token grid: the stored one at the model's own size; otherwise resampled
+        (learnable) or recomputed (sine), so a model also runs on other input sizes (progressive resizing)."""
+        if grid == self.grid_size:
+            return self.pos_embed
+        if self.pos_embed_kind == "sine":
+            table = sinusoidal_embedding(grid[0] * grid[1] + self.num_prefix_tokens, self.embed_dim)
+            return table.to(self.pos_embed.device, self.pos_embed.dtype)
+        return resize_pos_embed(self.pos_embed, grid, self.num_prefix_tokens)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens -> logits (or the pooled features with `pre_logits`), by sequence pooling or class token."""

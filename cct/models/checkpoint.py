@@ -181,10 +181,13 @@ def resolve_weights_path(path: str | os.PathLike) -> Path:
 
 
 def load_trained(path: str | os.PathLike, model_name: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a trained model from a cct weights file (or run directory) and return it (eval mode) with its
-    metadata. Files without metadata (official .pth, bare state dicts) need `model_name`."""
+    """Rebuild a trained model from a cct weights file, a run directory or a Hub folder and return it (eval
+    mode) with its metadata. Files without metadata (official .pth, bare state dicts) need `model_name`."""
     from .factory import create_model
+    from .hub import is_hub_folder, load_hub_folder
 
+    if is_hub_folder(path):
+        return load_hub_folder(path)
     path = resolve_weights_path(path)
     with open(path, "rb") as f:
         is_safetensors = f.read(1) not in (b"P", b"\x80")  # zip or pickle magic: a PyTorch file

@@ -12,17 +12,36 @@ from safetensors.torch import save_file
 
 from ..errors import CCTError, UsageError
 from .checkpoint import load_trained, model_metadata
+from .hub import export_hub_folder
 
-FORMATS = ("onnx", "safetensors", "torchscript")
+FORMATS = ("onnx", "safetensors", "torchscript", "hub")
+
+
+def _run_records(checkpoint: Path) -> tuple[dict | None, dict | None]:
+    """summary.json and config.yaml of the run a checkpoint belongs to, when it is in a run directory."""
+    import json
+
+    import yaml
+
+    run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    summary = recipe = None
+    if (run_dir / "summary.json").is_file():
+        summary = json.loads((run_dir / "summary.json").read_text())
+    if (run_dir / "config.yaml").is_file():
+        recipe = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return summary, recipe
 
 
 def export_model(checkpoint: str | os.PathLike, fmt: str, output: Path, model_name: str | None = None) -> Path:
-    """Write `checkpoint`'s model to `output` in format `fmt`; the output is written to a temporary file
-    first and renamed, so a failed export never leaves a half-written file."""
+    """Write `checkpoint`'s model to `output` in format `fmt` ("hub": a Hub model folder); the output is
+    written to a temporary name first and renamed, so a failed export never leaves a half-written file."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
     model, meta = load_trained(checkpoint, model_name)
     model = model.float().eval()
+    if fmt == "hub":
+        summary, recipe = _run_records(Path(checkpoint))
+        return export_hub_folder(model, meta, output, summary=summary, recipe=recipe)
     height, width = model.img_size
     example = torch.zeros(1, 3, height, width)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import os
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -30,15 +31,26 @@ def check_model_name(name: str) -> str:
     return name
 
 
-def create_model(name: str, num_classes: int | None = None, img_size: int | None = None,
-                 pretrained: bool = False, checkpoint: str | os.PathLike | None = None,
+def create_model(name: str | None = None, num_classes: int | None = None, img_size: int | None = None,
+                 pretrained: bool | str | os.PathLike = False, checkpoint: str | os.PathLike | None = None,
                  drop_path_rate: float | None = None, stochastic_depth: str = "droppath",
                  **kwargs: Any) -> CCT:
     """Build a named variant, optionally with another class count / input size and weights from `checkpoint`
     (our safetensors or an official `.pth`; position tables are resampled, a head of another class count is
     re-initialised with a warning). `stochastic_depth` is "droppath" (per sample, as the paper) or "skip"
-    (per batch, the dropped branch is not computed at all)."""
+    (per batch, the dropped branch is not computed at all). `pretrained` may also be the path of a Hub model
+    folder (see `cct.models.hub`), in which case `name` may be omitted."""
+    if isinstance(pretrained, str | os.PathLike) and Path(pretrained).is_dir():
+        from .hub import load_hub_folder
+
+        model, meta = load_hub_folder(pretrained)
+        if name is not None and name != meta["model"]:
+            raise CCTError(f"{pretrained} holds {meta['model']}, not {name}")
+        return model
+    if name is None:
+        raise UsageError("create_model needs a model name (or pretrained=<Hub folder>)")
     check_model_name(name)
+    pretrained = bool(pretrained)
     if stochastic_depth not in ("droppath", "skip"):
         raise UsageError(f"stochastic_depth must be 'droppath' or 'skip', got {stochastic_depth!r}")
     overrides = dict(num_classes=num_classes, img_size=img_size, drop_path_rate=drop_path_rate)

@@ -74,6 +74,8 @@ class Config:
     switch_prob: float = 0.5
     mixup_off_epoch: int | None = None
     erasing: float = 0.0
+    low_res_size: int | None = None  # progressive resizing: train the first `low_res_epochs` at this size
+    low_res_epochs: float = 0.0
     # engine
     ema: bool = False
     ema_decay: float = 0.9998
@@ -119,6 +121,11 @@ def coerce(key: str, value: Any) -> Any:
         return None
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if float in allowed and isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
         names = "/".join("null" if t is type(None) else t.__name__ for t in allowed)
         raise UsageError(f"recipe key {key!r} expects {names}, got {value!r}")

@@ -169,10 +169,11 @@ class Engine:
         """The weights that are evaluated and saved: the EMA when enabled."""
         return self.ema.module if self.ema is not None else self.model
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor, step: int, lr: float,
-             mixing: bool = True) -> tuple[float, torch.Tensor, torch.Tensor]:
-        """One optimisation step on a uint8 batch; returns (loss, logits, soft targets). A non-finite loss
-        changes nothing (no update) and is returned for the caller to act on."""
+    def step(self, images: torch.Tensor, labels: torch.Tensor, step: int, lr: float, mixing: bool = True,
+             size: int | None = None) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """One optimisation step on a uint8 batch, at input `size` if given (progressive resizing); returns
+        (loss, logits, soft targets). A non-finite loss changes nothing (no update) and is returned for the
+        caller to act on."""
         cfg = self.cfg
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -180,6 +181,9 @@ class Engine:
         torch.manual_seed(step_seed(cfg.seed, step, dist.rank()) + 1)  # dropout masks
         self.model.seed_stochastic_depth(step_seed(cfg.seed, step))  # the same on every rank
         x, targets = self.augments[mixing](images, labels, self.generator)
+        if size is not None and size != x.shape[-1]:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            x = x.contiguous(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
         with autocast(self.device, cfg.precision), attention_backend(self.device):
             logits = self.forward(x)
         loss = soft_cross_entropy(logits, targets)
@@ -250,7 +254,7 @@ def train(cfg: Config, run_dir: Path, data_root: Path | None = None, resume: boo
           device: str | None = None) -> dict[str, Any]:
     """Train `cfg` into `run_dir` (or continue the run saved there with `resume`) and return the summary."""
     wall_start = time.perf_counter()
-    dist.setup()
+    dist.setup(device)
     rank0 = dist.rank() == 0
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and dist.world_size() > 1:
@@ -258,6 +262,9 @@ def train(cfg: Config, run_dir: Path, data_root: Path | None = None, resume: boo
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     state = load_state(run_dir / STATE_FILE) if resume else None
+    if state is not None and state.get("processes", 1) != dist.world_size():  # steps count global batches
+        raise CCTError(f"{run_dir} was trained with {state.get('processes', 1)} process(es): resume it with as many "
+                       f"(this job has {dist.world_size()})")
 
     info = dataset_info(cfg.dataset)
     img_size = cfg.img_size or info.img_size
@@ -297,8 +304,9 @@ def train(cfg: Config, run_dir: Path, data_root: Path | None = None, resume: boo
             return
         save_weights(run_dir / "last.safetensors", weights_model, metadata)
         save_state(run_dir / STATE_FILE, dict(
-            version=1, step=step, **engine.state_dict(), best_top1=best_top1, train_seconds=train_seconds,
-            history=history, epoch_stats=epoch_stats or vars(stats), config=config_to_dict(cfg)))
+            version=1, step=step, processes=dist.world_size(), **engine.state_dict(), best_top1=best_top1,
+            train_seconds=train_seconds, history=history, epoch_stats=epoch_stats or vars(stats),
+            config=config_to_dict(cfg)))
 
     model.train()
     while step < total_steps:
@@ -308,7 +316,8 @@ def train(cfg: Config, run_dir: Path, data_root: Path | None = None, resume: boo
         tic = time.perf_counter()
         for images, labels, skipped in train_source.batches(batches[offset:]):
             lr = learning_rate(cfg, step, total_steps, spe)
-            loss_value, logits, targets = engine.step(images, labels, step, lr, mixing)
+            size = cfg.low_res_size if step < cfg.low_res_epochs * spe else None
+            loss_value, logits, targets = engine.step(images, labels, step, lr, mixing, size)
             if not math.isfinite(loss_value):
                 if cfg.on_nan == "stop":
                     raise CCTError(f"loss became {loss_value} at step {step} (epoch {epoch}): stopped; the last "
