@@ -83,8 +83,6 @@ def _relaunch_with_torchrun(nproc: int) -> None:
     runs in this process, like `python -m torch.distributed.run --standalone`, so that a failed worker becomes
     one line here instead of torchrun's report)."""
     import logging
-import os
-    import os
 
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
