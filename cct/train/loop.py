@@ -333,11 +333,13 @@ def train(cfg: Config, run_dir: Path, data_root: Path | None = None, resume: boo
             if progress:
                 progress.update(epoch, loss_value)
             if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and step % spe:
-                stats.seconds += time.perf_counter() - tic
-                tic = time.perf_counter()
+                elapsed, tic = time.perf_counter() - tic, time.perf_counter()
+                stats.seconds += elapsed  # since the last evaluation (for its img/s)
+                train_seconds += elapsed  # since the start of the run
                 save(_summed_over_ranks(stats))
-        stats.seconds += time.perf_counter() - tic
-        train_seconds += stats.seconds
+        elapsed = time.perf_counter() - tic
+        stats.seconds += elapsed
+        train_seconds += elapsed
         epoch += 1
         if epoch % cfg.eval_every == 0 or step >= total_steps:
             result = evaluate(weights_model, eval_source, mean, std, cfg, dev, num_classes)
