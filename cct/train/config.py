@@ -39,6 +39,7 @@ class Config:
     dataset: str = "cifar10"
     img_size: int | None = None  # None: the dataset's (32 for CIFAR)
     train_samples: int | None = None  # use only the first N training images (smoke tests)
+    eval_samples: int | None = None  # evaluate on the first N evaluation images only (smoke tests)
     flowers_split: str = "cct"
     val_fraction: float = 0.1  # folder datasets without a val/ split
     strict_images: bool = False  # a bad image file is fatal instead of skipped
@@ -140,8 +141,9 @@ def _validate(cfg: Config) -> Config:
     for key in ("batch_size", "eval_batch_size", "eval_every"):
         if getattr(cfg, key) < 1:
             raise UsageError(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    if cfg.train_samples is not None and cfg.train_samples < 1:
-        raise UsageError(f"train_samples must be >= 1, got {cfg.train_samples}")
+    for key in ("train_samples", "eval_samples"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
+            raise UsageError(f"{key} must be >= 1, got {getattr(cfg, key)}")
     if cfg.lr <= 0:
         raise UsageError(f"lr must be > 0, got {cfg.lr}")
     for key in ("drop_path_rate", "hflip", "mix_prob", "erasing", "label_smoothing"):

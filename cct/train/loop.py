@@ -90,7 +90,8 @@ def evaluate(model: torch.nn.Module, source: BatchSource, mean, std, cfg: Config
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top1, top5
     per_class = torch.zeros(2, num_classes, dtype=torch.float64, device=device)  # correct, count
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    indices = eval_batch_indices(len(source), cfg.eval_batch_size, dist.rank(), dist.world_size())
+    count = min(len(source), cfg.eval_samples or len(source))
+    indices = eval_batch_indices(count, cfg.eval_batch_size, dist.rank(), dist.world_size())
     for images, labels, _ in source.batches(indices):
         x = normalize(images, mean, std, channels_last=cfg.channels_last)
         with autocast(device, cfg.precision):

@@ -62,7 +62,7 @@ def _step_of(state_path: Path) -> int:
 
 
 def _cct(*args: str, data_root: Path) -> subprocess.Popen:
-    env = dict(os.environ, CCT_DATA=str(data_root), OMP_NUM_THREADS="2")
+    env = dict(os.environ, CCT_DATA=str(data_root), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     return subprocess.Popen([sys.executable, "-m", "cct", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -173,7 +173,7 @@ def test_every_bundled_recipe_builds_model_and_data(recipe, data_root, tmp_path,
         root = tmp_path / "data"
         _tiny_trees(root)
     args = ["train", recipe, "--data-dir", str(root), "--set", "epochs=0", "--set", "workers=0",
-            "--out", str(tmp_path / "run")]
+            "--set", "eval_samples=100", "--out", str(tmp_path / "run")]
     if cfg.img_size and cfg.img_size > 32:
         args += ["--set", "img_size=64", "--set", "eval_batch_size=64"]
     assert main(args) == 0
