@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import pickle
-import platform
 import re
 import statistics
 import sys
@@ -31,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cct.data.augment import BatchAugment  # noqa: E402
+from cct.train.loop import cpu_name  # noqa: E402
 
 CIFAR_MEAN = (0.49139968, 0.48215841, 0.44653091)
 CIFAR_STD = (0.24703223, 0.24348513, 0.26158784)
@@ -44,16 +44,6 @@ def load_cifar_train(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
         xs.append(batch[b"data"].reshape(-1, 3, 32, 32))
         ys.extend(batch[b"labels"])
     return torch.from_numpy(np.concatenate(xs)), torch.tensor(ys, dtype=torch.int64)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _loadavg() -> float | None:
@@ -235,7 +225,7 @@ def main() -> None:
     res: dict = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
         "device": str(device),
         "batch_size": args.batch_size,
         "pipeline": "crop32 pad4 + hflip + AutoAugment(cifar10) + normalise + erasing 0.25 + "

@@ -415,22 +415,7 @@ class _AutoAugment:
 class _TrivialAugment:
     """torchvision TrivialAugmentWide: one op per image, uniform op and magnitude bin (of 31), random sign."""
 
-    NAMES = (
-        "Identity",
-        "ShearX",
-        "ShearY",
-        "TranslateX",
-        "TranslateY",
-        "Rotate",
-        "Brightness",
-        "Color",
-        "Contrast",
-        "Sharpness",
-        "Posterize",
-        "Solarize",
-        "AutoContrast",
-        "Equalize",
-    )
+    NAMES = OPS[:OPS.index("Invert")]  # Identity .. Equalize, in torchvision's order
 
     def __init__(self, h: int, w: int, num_bins: int = 31) -> None:
         rows, signed = [], []
