@@ -172,7 +172,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .train.loop import evaluate
     from .train.report import plot_confusion
 
-    model, meta = load_trained(args.checkpoint, args.model)
+    model, meta = load_trained(_weights_source(args), args.model)
     dataset = args.dataset or meta.get("dataset")
     if not dataset:
         raise UsageError("the checkpoint does not name its dataset: pass --dataset NAME")
@@ -208,13 +208,19 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     """Classify image files with a trained model."""
+    if args.pretrained is None:
+        if len(args.images) < 2:
+            raise UsageError("give a CHECKPOINT and at least one image")
+        args.checkpoint, args.images = args.images[0], args.images[1:]
+    else:
+        args.checkpoint = None
     import torch
 
     from .data.augment import normalize
     from .data.datasets import BadImage, decode_image_file, eval_transform
     from .models.checkpoint import load_trained
 
-    model, meta = load_trained(args.checkpoint, args.model)
+    model, meta = load_trained(_weights_source(args), args.model)
     transform = eval_transform(model.img_size[0], crop_pct=1.0)
     images = torch.stack([transform(_decode(path, decode_image_file, BadImage)) for path in args.images])
     with torch.no_grad():
@@ -231,6 +237,22 @@ def cmd_predict(args: argparse.Namespace) -> None:
         print(r["image"])
         for p in r["predictions"]:
             print(f"  {p['probability'] * 100:6.2f}%  {p['label']}")
+
+
+def _weights_source(args: argparse.Namespace) -> str | Path:
+    """CHECKPOINT, or the shipped weights named by --model and --pretrained TAG."""
+    if args.pretrained is None:
+        if args.checkpoint is None:
+            raise UsageError("give a CHECKPOINT, or --model NAME --pretrained TAG for shipped weights")
+        return args.checkpoint
+    from .models.registry import SHIPPED_WEIGHTS, shipped_weights
+
+    if args.model is None:
+        raise UsageError("--pretrained needs --model NAME")
+    path = shipped_weights(args.model, args.pretrained)
+    if path is None:
+        raise UsageError(f"no shipped weights {args.model}.{args.pretrained}; shipped: {', '.join(SHIPPED_WEIGHTS)}")
+    return path
 
 
 def _decode(path: str, decode, bad_image: type[Exception]):
@@ -315,8 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("eval", cmd_eval, "evaluate a trained model (weights file or run directory) on a test split",
             "  cct eval runs/keras-example\n  cct eval runs/keras-example/best.safetensors --json --out report/")
-    p.add_argument("checkpoint", help="a .safetensors weights file, a run directory, or an official .pth")
+    p.add_argument("checkpoint", nargs="?", help="a .safetensors weights file, a run directory, a Hub folder, "
+                   "or an official .pth")
     p.add_argument("--model", help="architecture name, for files that do not record it (official .pth)")
+    p.add_argument("--pretrained", metavar="TAG", help="use the shipped weights of --model, e.g. cifar10")
     p.add_argument("--dataset", help="dataset name (default: the one the model was trained on)")
     p.add_argument("--data-dir", help="folder holding the datasets (default: $CCT_DATA, then ./data)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="bf16",
@@ -329,10 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
     p = add("predict", cmd_predict, "classify images with a trained model",
-            "  cct predict runs/keras-example cat.jpg dog.png\n  cct predict model.safetensors *.jpg --topk 3 --json")
-    p.add_argument("checkpoint", help="a .safetensors weights file or a run directory")
-    p.add_argument("images", nargs="+", help="image files (any size or mode)")
+            "  cct predict runs/keras-example cat.jpg dog.png\n  cct predict model.safetensors *.jpg --topk 3 --json\n"
+            "  cct predict --model cct_2_3x2_32 --pretrained cifar10 cat.jpg   # weights shipped in the package")
+    p.add_argument("images", nargs="+", help="CHECKPOINT (a weights file, run directory or Hub folder; omit it "
+                   "with --pretrained) followed by image files of any size or mode")
     p.add_argument("--model", help="architecture name, for files that do not record it")
+    p.add_argument("--pretrained", metavar="TAG", help="use the shipped weights of --model, e.g. cifar10")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--json", action="store_true", help="print one JSON document")
 

@@ -8,6 +8,7 @@ same architectures with CIFAR-100 and Flowers-102 heads.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -82,8 +83,37 @@ def _pretrained_cfg(arch: dict[str, Any]) -> dict[str, Any]:
                 paper_ids="arXiv:2104.05704")
 
 
+# Weights trained with this package and shipped inside it: "<model>.<tag>" -> file in cct/weights/.
+# The first tag of a model is its default (`pretrained=True`); each file's header records its classes,
+# normalisation and the run it came from, and a JSON file beside it the metrics of that run.
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+SHIPPED_WEIGHTS: dict[str, str] = {
+    "cct_2_3x2_32.cifar10_keras": "cct_2_3x2_32.cifar10_keras.safetensors",
+    "cct_2_3x2_32.cifar10_fast": "cct_2_3x2_32.cifar10_fast.safetensors",
+}
+
+
+def shipped_weights(model: str, tag: str | None = None) -> Path | None:
+    """The shipped weights file of `model` (its default tag when `tag` is None), if there is one."""
+    tags = [key for key, file in SHIPPED_WEIGHTS.items()
+            if key.split(".")[0] == model and (WEIGHTS_DIR / file).is_file()]
+    if tag is not None:
+        tags = [key for key in tags if key.split(".", 1)[1] in (tag, f"{tag}_keras")]
+    return WEIGHTS_DIR / SHIPPED_WEIGHTS[tags[0]] if tags else None
+
+
+def _cfgs() -> dict[str, dict[str, Any]]:
+    cfgs: dict[str, dict[str, Any]] = {}
+    for name, arch in VARIANTS.items():
+        tagged = {key: dict(_pretrained_cfg(arch), file=str(WEIGHTS_DIR / file))
+                  for key, file in SHIPPED_WEIGHTS.items()
+                  if key.split(".")[0] == name and (WEIGHTS_DIR / file).is_file()}
+        cfgs.update(tagged or {name: _pretrained_cfg(arch)})
+    return cfgs
+
+
 # timm reads this module-level table when the entrypoints below are registered.
-default_cfgs = generate_default_cfgs({name: _pretrained_cfg(arch) for name, arch in VARIANTS.items()})
+default_cfgs = generate_default_cfgs(_cfgs())
 
 
 def _register(name: str) -> None:
