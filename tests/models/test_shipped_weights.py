@@ -1,0 +1,34 @@
+"""Weights shipped inside the package load offline through cct and timm, and `cct eval` reproduces the
+accuracy recorded when they were trained."""
+
+import json
+
+import pytest
+import timm
+import torch
+
+from cct.cli import main
+from cct.models.checkpoint import load_trained
+from cct.models.registry import SHIPPED_WEIGHTS, WEIGHTS_DIR
+
+
+@pytest.mark.parametrize("key", sorted(SHIPPED_WEIGHTS))
+def test_shipped_weights_reproduce_their_record(key, data_root, capsys):
+    path = WEIGHTS_DIR / SHIPPED_WEIGHTS[key]
+    record = json.loads(path.with_suffix(".json").read_text())
+    model, meta = load_trained(path)
+    via_timm = timm.create_model(key, pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(via_timm(x), model(x))
+    name, tag = key.split(".")
+    flip = ["--flip"] if record["test_time_flip"] else []
+    assert main(["eval", "--model", name, "--pretrained", tag, "--data-dir", str(data_root), "--json", *flip]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["images"] == 10_000
+    assert report["top1"] == pytest.approx(record["final_top1"], abs=0.02)
+
+
+def test_default_pretrained_is_the_keras_example_model():
+    model = timm.create_model("cct_2_3x2_32", pretrained=True)
+    assert model.pretrained_cfg["tag"] == "cifar10_keras"
