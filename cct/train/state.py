@@ -16,6 +16,9 @@ from torch import nn
 
 from ..errors import CCTError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def atomic_write(path: Path, write: Any) -> None:
     """Call `write(tmp_path)`, fsync, then rename over `path`: readers see the old file or the new one."""
@@ -26,6 +29,7 @@ def atomic_write(path: Path, write: Any) -> None:
         write(Path(tmp))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
