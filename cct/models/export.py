@@ -18,14 +18,18 @@ FORMATS = ("onnx", "safetensors", "torchscript", "hub")
 
 
 def _run_records(checkpoint: Path) -> tuple[dict | None, dict | None]:
-    """summary.json and config.yaml of the run a checkpoint belongs to, when it is in a run directory."""
+    """The run record of a checkpoint: the JSON beside shipped weights, or the summary.json and config.yaml
+    of the run directory it lies in."""
     import json
 
     import yaml
 
     run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
     summary = recipe = None
-    if (run_dir / "summary.json").is_file():
+    record = checkpoint.with_suffix(".json")  # shipped weights carry their run's summary beside them
+    if checkpoint.is_file() and record.is_file():
+        summary = json.loads(record.read_text())
+    elif (run_dir / "summary.json").is_file():
         summary = json.loads((run_dir / "summary.json").read_text())
     if (run_dir / "config.yaml").is_file():
         recipe = yaml.safe_load((run_dir / "config.yaml").read_text())
