@@ -33,7 +33,6 @@ import os
 import re
 import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -52,6 +51,7 @@ from cct.data.datasets import build_dataset, dataset_info  # noqa: E402
 from cct.data.loader import BatchSource, train_batch_indices  # noqa: E402
 from cct.models.complexity import count_params  # noqa: E402
 from cct.train import load_config  # noqa: E402
+from cct.train.bench import window_seconds  # noqa: E402
 from cct.train.loop import Engine, cpu_name  # noqa: E402
 
 RECIPE = "keras-example"
@@ -63,16 +63,8 @@ OFFICIAL_PACKAGE = "official_cct_src"  # a name of our own, so the checkout's `s
 
 def timed_windows(step: Callable[[], None], batch_size: int, windows: int, steps_per_window: int,
                   warmup: int) -> dict[str, Any]:
-    """Run `warmup` steps, then `windows` timed windows of `steps_per_window` steps; images/s per window and
-    their median."""
-    for _ in range(warmup):
-        step()
-    rates = []
-    for _ in range(windows):
-        start = time.perf_counter()
-        for _ in range(steps_per_window):
-            step()
-        rates.append(batch_size * steps_per_window / (time.perf_counter() - start))
+    """Images/s per timed window and their median (timing by `cct.train.bench.window_seconds`)."""
+    rates = [batch_size / s for s in window_seconds(step, windows, steps_per_window, warmup)]
     return dict(img_per_s=round(statistics.median(rates), 1), windows_img_per_s=[round(r, 1) for r in rates])
 
 

@@ -21,7 +21,6 @@ import pickle
 import re
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cct.data.augment import BatchAugment  # noqa: E402
+from cct.train.bench import window_seconds  # noqa: E402
 from cct.train.loop import cpu_name  # noqa: E402
 
 CIFAR_MEAN = (0.49139968, 0.48215841, 0.44653091)
@@ -51,21 +51,6 @@ def _loadavg() -> float | None:
         return float(Path("/proc/loadavg").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
-
-
-def timed_windows(step, windows: int, per_window: int, warmup: int, sync=lambda: None) -> list[float]:
-    """Seconds per call, one figure per window (each window = per_window calls), after warm-up calls."""
-    for _ in range(warmup):
-        step()
-    sync()
-    out = []
-    for _ in range(windows):
-        t0 = time.perf_counter()
-        for _ in range(per_window):
-            step()
-        sync()
-        out.append((time.perf_counter() - t0) / per_window)
-    return out
 
 
 def bench_ours(x: torch.Tensor, y: torch.Tensor, args, device: torch.device) -> dict:
@@ -92,7 +77,7 @@ def bench_ours(x: torch.Tensor, y: torch.Tensor, args, device: torch.device) -> 
         idx = torch.randint(0, n, (bs,), generator=gen, device=device)
         aug(xd.index_select(0, idx), yd.index_select(0, idx), gen)
 
-    secs = timed_windows(step, args.windows, args.window_batches, warmup=10, sync=sync)
+    secs = window_seconds(step, args.windows, args.window_batches, warmup=10, sync=sync)
     med = statistics.median(secs)
     return {"ms_per_batch": med * 1e3, "images_per_s": bs / med, "windows_ms": [s * 1e3 for s in secs]}
 
@@ -156,7 +141,7 @@ def bench_torchvision(x: torch.Tensor, y: torch.Tensor, args, workers: int) -> d
 
     windows = args.windows if workers else max(3, args.windows // 2)
     per = args.window_batches if workers else max(5, args.window_batches // 4)
-    secs = timed_windows(step, windows, per, warmup=5)
+    secs = window_seconds(step, windows, per, warmup=5)
     med = statistics.median(secs)
     return {"ms_per_batch": med * 1e3, "images_per_s": bs / med, "windows_ms": [s * 1e3 for s in secs]}
 
@@ -186,7 +171,7 @@ def bench_train_step(args, device: torch.device) -> dict | None:
         loss.backward()
         opt.step()
 
-    secs = timed_windows(
+    secs = window_seconds(
         step, max(3, args.windows // 2), max(3, args.window_batches // 5), warmup=3, sync=sync
     )
     med = statistics.median(secs)

@@ -20,17 +20,26 @@ from .config import Config
 from .loop import Engine, autocast, cpu_name
 
 
-def _median_rate(run: Callable[[], None], items_per_call: int, windows: int, calls_per_window: int,
-                 warmup: int) -> float:
+def window_seconds(run: Callable[[], None], windows: int, calls_per_window: int, warmup: int,
+                   sync: Callable[[], None] = lambda: None) -> list[float]:
+    """Seconds per call, one figure per timed window, after `warmup` untimed calls (`sync` waits for an
+    asynchronous device before the clock is read). Shared by `cct bench` and the scripts in benchmarks/."""
     for _ in range(warmup):
         run()
-    rates = []
+    sync()
+    seconds = []
     for _ in range(windows):
         start = time.perf_counter()
         for _ in range(calls_per_window):
             run()
-        rates.append(items_per_call * calls_per_window / (time.perf_counter() - start))
-    return statistics.median(rates)
+        sync()
+        seconds.append((time.perf_counter() - start) / calls_per_window)
+    return seconds
+
+
+def _median_rate(run: Callable[[], None], items_per_call: int, windows: int, calls_per_window: int,
+                 warmup: int) -> float:
+    return items_per_call / statistics.median(window_seconds(run, windows, calls_per_window, warmup))
 
 
 def matmul_peak_gflops(precision: str, device: torch.device, size: int = 2048, windows: int = 5) -> float:
