@@ -217,12 +217,12 @@ def cmd_predict(args: argparse.Namespace) -> None:
     import torch
 
     from .data.augment import normalize
-    from .data.datasets import BadImage, decode_image_file, eval_transform
+    from .data.datasets import eval_transform
     from .models.checkpoint import load_trained
 
     model, meta = load_trained(_weights_source(args), args.model)
     transform = eval_transform(model.img_size[0], crop_pct=1.0)
-    images = torch.stack([transform(_decode(path, decode_image_file, BadImage)) for path in args.images])
+    images = torch.stack([transform(_decode(path)) for path in args.images])
     with torch.no_grad():
         probs = model(normalize(images, meta["mean"], meta["std"])).float().softmax(dim=1)
     k = min(args.topk, probs.shape[1])
@@ -255,10 +255,13 @@ def _weights_source(args: argparse.Namespace) -> str | Path:
     return path
 
 
-def _decode(path: str, decode, bad_image: type[Exception]):
+def _decode(path: str):
+    """One image file as a uint8 tensor, or a one-line CCTError naming the file."""
+    from .data.datasets import BadImage, decode_image_file
+
     try:
-        return decode(path)
-    except bad_image as e:
+        return decode_image_file(path)
+    except BadImage as e:
         raise CCTError(f"{path}: {e}") from None
 
 
@@ -362,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
-    p = add("export", cmd_export, "export a trained model to ONNX, safetensors or TorchScript",
+    p = add("export", cmd_export, "export a trained model to ONNX, safetensors, TorchScript or a Hub folder",
             "  cct export runs/keras-example --format onnx -o cct2.onnx\n"
             "  cct export runs/keras-example --format torchscript -o cct2.pt\n"
             "  cct export runs/keras-example --format hub -o hub/cct2-cifar10")

@@ -75,9 +75,9 @@ def autocast(device: torch.device, precision: str):
 
 def attention_backend(device: torch.device):
     """The scaled_dot_product_attention kernels for a training step. On CPU the fused flash kernel's backward
-    is slower than the plain math kernel at CCT's sizes (cct_2_3x2_32, batch 128, bf16, 2 cores: 940 vs
-    1,100 img/s, /tmp-free script in benchmarks/attention.py), so training uses math there; inference keeps
-    the default (flash is faster forward-only)."""
+    was slower than the plain math kernel at CCT's sizes (cct_2_3x2_32, batch 128, bf16, 2 cores: about 940 vs
+    1,100 img/s in a one-off measurement; `benchmarks/attention.py` records it), so training uses math there;
+    inference keeps the default. With attention dropout > 0 PyTorch picks math on CPU anyway."""
     return sdpa_kernel([SDPBackend.MATH]) if device.type == "cpu" else nullcontext()
 
 
