@@ -2,22 +2,22 @@
 
 Part 1, attention (training img/s at `--batch-size`, inference img/s at `--infer-batch-size`, bf16 autocast):
 
+* explicit: timm's explicit path (q @ k^T, softmax, @ v; `fused_attn = False`), which is what the library uses
+  on a CPU in bf16 (`configure_attention` in cct/train/loop.py), in training and inference;
 * sdpa default: F.scaled_dot_product_attention with PyTorch's own backend choice (on CPU the fused flash kernel);
-* sdpa math: the same call restricted to `sdpa_kernel([SDPBackend.MATH])`, which is what `cct train` uses for
-  CPU training (`attention_backend` in cct/train/loop.py); inference keeps the default;
-* manual: timm's explicit path (q @ k^T, softmax, @ v), by `block.attn.fused_attn = False`.
+* sdpa math: the same call restricted to `sdpa_kernel([SDPBackend.MATH])`.
 
 Part 2, stochastic depth: training img/s at each `--rates` value for `stochastic_depth=droppath` (per-sample
 DropPath: the branch is still computed) and `skip` (whole-batch skipping: a dropped branch is not computed), as
 ratios to the same mode at rate 0.
 
 On CPU the fused flash kernel does not implement attention dropout: with `attn_drop_rate` > 0 the default
-selection falls back to the math kernel in training, and the first two rows time the same thing. Hence the
+selection falls back to the math kernel in training, and the two sdpa rows time the same thing. Hence the
 default recipe here is `cifar10-fast` (no attention dropout, no stochastic depth; `cct bench`'s default too).
 
 Training figures time the library's real step (`cct.train.loop.Engine.step`: batched augmentation of a uint8
-batch, autocast forward, loss, backward, AdamW) with the recipe's settings; for "sdpa default" the step's
-attention-backend context is replaced by a no-op for the duration of that variant's steps. The variants of a
+batch, autocast forward, loss, backward, AdamW) with the recipe's settings, each variant's model
+switched to its attention path and its steps run inside its kernel context. The variants of a
 part are timed round-robin, one window each in turn, so that a drift in background load hits all of them alike;
 each figure is the median over its windows. The attention kernels actually called are recorded with the profiler.
 
@@ -46,29 +46,23 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import cct.train.loop as loop  # noqa: E402
 from cct.data.augment import normalize  # noqa: E402
 from cct.train import load_config  # noqa: E402
 from cct.train.loop import Engine, cpu_name  # noqa: E402
 
 NUM_CLASSES = 10
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
-LIBRARY_BACKEND = loop.attention_backend
 
 
-def _default_backend(device: torch.device):
-    return nullcontext()
-
-
-def _math_backend():
+def _math_kernel():
     return sdpa_kernel([SDPBackend.MATH])
 
 
 ATTENTION_VARIANTS: dict[str, dict[str, Any]] = {
-    # name: backend used by Engine.step while training, context for inference, timm fused_attn
-    "sdpa default (flash)": dict(train_backend=_default_backend, infer_context=nullcontext, fused=True),
-    "sdpa math": dict(train_backend=LIBRARY_BACKEND, infer_context=_math_backend, fused=True),
-    "manual (timm fused_attn=False)": dict(train_backend=LIBRARY_BACKEND, infer_context=nullcontext, fused=False),
+    # name: timm fused_attn, the SDPA kernel context around training steps and inference
+    "explicit (library)": dict(fused=False, context=nullcontext),
+    "sdpa default (flash)": dict(fused=True, context=nullcontext),
+    "sdpa math": dict(fused=True, context=_math_kernel),
 }
 
 
@@ -92,29 +86,27 @@ def round_robin(steps: dict[str, Callable[[], None]], items_per_step: int, windo
 
 class Trainer:
     """An Engine of the recipe with some overrides, stepping on one fixed uint8 batch (as `cct bench` does),
-    with a given attention-backend context in place of the library's during its steps."""
+    with a given attention path (timm `fused_attn`) and SDPA kernel context; by default the library's own."""
 
-    def __init__(self, recipe: str, overrides: list[str], backend=LIBRARY_BACKEND, fused: bool = True):
+    def __init__(self, recipe: str, overrides: list[str], fused: bool | None = None, context=nullcontext):
         self.cfg = load_config(recipe, overrides)
         torch.manual_seed(0)
         device = torch.device("cpu")
         self.engine = Engine(self.cfg, NUM_CLASSES, 32, MEAN, STD, True, device)
-        for block in self.engine.model.blocks:
-            block.attn.fused_attn = fused
+        if fused is not None:
+            for block in self.engine.model.blocks:
+                block.attn.fused_attn = fused
         self.engine.model.train()
         generator = torch.Generator().manual_seed(0)
         self.images = torch.randint(0, 256, (self.cfg.batch_size, 3, 32, 32), dtype=torch.uint8, generator=generator)
         self.labels = torch.randint(0, NUM_CLASSES, (self.cfg.batch_size,), generator=generator)
-        self.backend = backend
+        self.context = context
         self.count = 0
 
     def step(self) -> None:
-        """One training step of the library's loop with this trainer's attention backend."""
-        loop.attention_backend = self.backend
-        try:
+        """One training step of the library's loop in this trainer's kernel context."""
+        with self.context():
             self.engine.step(self.images, self.labels, self.count, self.cfg.lr)
-        finally:
-            loop.attention_backend = LIBRARY_BACKEND
         self.count += 1
 
 
@@ -129,18 +121,18 @@ def attention_ops(run: Callable[[], None]) -> list[str]:
 
 
 def kernel_kind(ops: list[str]) -> str:
-    """'flash', 'math' or 'manual': which attention implementation a list of profiled op names shows."""
+    """'flash', 'math' or 'explicit': which attention implementation a list of profiled op names shows."""
     if any("flash_attention" in o for o in ops):
         return "flash"
     if any("attention_math" in o for o in ops):
         return "math"
-    return "manual"
+    return "explicit"
 
 
 def bench_attention(args) -> dict[str, Any]:
     """Training and inference img/s of each attention variant, and the kernels each one calls."""
     base = [f"model={args.model}", f"batch_size={args.batch_size}", f"threads={args.threads}", "precision=bf16"]
-    trainers = {name: Trainer(args.recipe, base, v["train_backend"], v["fused"])
+    trainers = {name: Trainer(args.recipe, base, v["fused"], v["context"])
                 for name, v in ATTENTION_VARIANTS.items()}
     kernels = {name: dict(train=attention_ops(t.step)) for name, t in trainers.items()}
     train = round_robin({name: t.step for name, t in trainers.items()}, args.batch_size, args.windows,
@@ -162,7 +154,7 @@ def bench_attention(args) -> dict[str, Any]:
 
     for t in trainers.values():
         t.engine.model.eval()
-    infer_steps = {name: inferer(trainers[name], v["infer_context"]) for name, v in ATTENTION_VARIANTS.items()}
+    infer_steps = {name: inferer(trainers[name], v["context"]) for name, v in ATTENTION_VARIANTS.items()}
     for name, run in infer_steps.items():
         kernels[name]["infer"] = attention_ops(run)
     infer = round_robin(infer_steps, args.infer_batch_size, args.windows, args.steps_per_window, args.warmup)
@@ -233,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"(train batch {args.batch_size}, inference batch {args.infer_batch_size})")
         if kernel_kind(result["attention"]["sdpa default (flash)"]["kernels"]["train"]) != "flash":
             print("note: the default selection did not pick the flash kernel for training (attention dropout > 0 in "
-                  f"recipe {args.recipe}?), so the first two training rows time the same kernel")
+                  f"recipe {args.recipe}?), so the two sdpa training rows time the same kernel")
     if "stochastic_depth" in result:
         print(f"\n{'stochastic depth':<18}{'rate':>6}{'train img/s':>13}{'vs rate 0':>11}")
         for mode, rows in result["stochastic_depth"].items():

@@ -7,6 +7,7 @@ saved step replays exactly the batches, augmentations, dropout masks and skipped
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import platform
@@ -20,9 +21,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import yaml
+from timm.layers import Attention
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..data.augment import BatchAugment, normalize
 from ..data.datasets import build_dataset, dataset_info, eval_transform, train_transform
@@ -34,7 +35,7 @@ from ..models.complexity import count_params
 from . import distributed as dist
 from .config import Config, config_to_dict
 from .report import MetricsLog, Progress
-from .state import atomic_write_text, load_state, save_state, save_weights
+from .state import RunLock, atomic_write_text, load_state, save_state, save_weights
 
 STATE_FILE = "last.state.pt"
 
@@ -73,12 +74,30 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def attention_backend(device: torch.device):
-    """The scaled_dot_product_attention kernels for a training step. On CPU the fused flash kernel's backward
-    was slower than the plain math kernel at CCT's sizes (cct_2_3x2_32, batch 128, bf16, 2 cores: about 940 vs
-    1,100 img/s in a one-off measurement; `benchmarks/attention.py` records it), so training uses math there;
-    inference keeps the default. With attention dropout > 0 PyTorch picks math on CPU anyway."""
-    return sdpa_kernel([SDPBackend.MATH]) if device.type == "cpu" else nullcontext()
+def configure_attention(model: torch.nn.Module, device: torch.device, precision: str) -> None:
+    """Pick the attention implementation for a device and precision. On a CPU in bf16 the explicit product
+    (q @ k^T, softmax, @ v: timm's `fused_attn=False` path) is much faster than every fused SDPA kernel at CCT's
+    sizes, in training and inference; elsewhere SDPA with PyTorch's own kernel choice is kept (figures:
+    `benchmarks/attention.py`, results in benchmarks/results/attention/)."""
+    explicit = device.type == "cpu" and precision == "bf16"
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.fused_attn = not explicit
+
+
+def retain_freed_memory() -> None:
+    """Make glibc keep freed memory in the process instead of returning large blocks to the system. By default
+    every activation above a (dynamic) threshold is mmap-ed and unmapped each step, so each training step
+    page-faults and zeroes its activations afresh: about 20,000 minor faults per step of cct_2_3x2_32 (batch
+    128), and 950-1,050 img/s against 1,200-1,260 with this (one-off A/B on this 2-core CPU, fresh processes).
+    Process-wide; a no-op where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters, from glibc's malloc.h
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, 1 << 30)
 
 
 @torch.no_grad()
@@ -149,6 +168,9 @@ class Engine:
                                   drop_path_rate=cfg.drop_path_rate, stochastic_depth=cfg.stochastic_depth,
                                   drop_rate=cfg.drop_rate, attn_drop_rate=cfg.attn_drop_rate)
         self.model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+        configure_attention(self.model, device, cfg.precision)
+        if device.type == "cpu":
+            retain_freed_memory()
         self.optimizer = create_optimizer_v2(self.model, opt=cfg.optimizer, lr=cfg.lr,
                                              weight_decay=cfg.weight_decay, momentum=cfg.momentum)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
@@ -185,7 +207,7 @@ class Engine:
         if size is not None and size != x.shape[-1]:
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
             x = x.contiguous(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
-        with autocast(self.device, cfg.precision), attention_backend(self.device):
+        with autocast(self.device, cfg.precision):
             logits = self.forward(x)
         loss = soft_cross_entropy(logits, targets)
         loss_value = loss.item()
@@ -253,9 +275,16 @@ def _load_data(cfg: Config, data_root: Path | None, img_size: int):
 @dist.peer_failures_as_errors
 def train(cfg: Config, run_dir: Path, data_root: Path | None = None, resume: bool = False,
           device: str | None = None) -> dict[str, Any]:
-    """Train `cfg` into `run_dir` (or continue the run saved there with `resume`) and return the summary."""
-    wall_start = time.perf_counter()
+    """Train `cfg` into `run_dir` (or continue the run saved there with `resume`) and return the summary.
+    Rank 0 holds the run directory's lock from before the first read to the end: a second run into it is
+    refused instead of interleaving its checkpoints with this one's."""
     dist.setup(device)
+    with RunLock(run_dir) if dist.rank() == 0 else nullcontext():
+        return _train(cfg, run_dir, data_root, resume, device)
+
+
+def _train(cfg: Config, run_dir: Path, data_root: Path | None, resume: bool, device: str | None) -> dict[str, Any]:
+    wall_start = time.perf_counter()
     rank0 = dist.rank() == 0
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and dist.world_size() > 1:
