@@ -171,7 +171,9 @@ class Engine:
         configure_attention(self.model, device, cfg.precision)
         if device.type == "cpu":
             retain_freed_memory()
-        self.optimizer = create_optimizer_v2(self.model, opt=cfg.optimizer, lr=cfg.lr,
+        # fused=True: one kernel per step instead of a Python loop over parameters (PyTorch's default on a CPU);
+        # +3-4% training img/s for cct_2_3x2_32 on 2 cores (one-off A/B in one process), same update rule.
+        self.optimizer = create_optimizer_v2(self.model, opt=cfg.optimizer, lr=cfg.lr, fused=True,
                                              weight_decay=cfg.weight_decay, momentum=cfg.momentum)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         # DDP first: its constructor broadcasts rank 0's initial weights, which the EMA copy must start from.
