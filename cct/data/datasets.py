@@ -65,8 +65,10 @@ MAX_IMAGE_PIXELS: int = 89_478_485
 #: File name endings that :class:`ImageFiles` picks up from a folder tree (compared case-insensitively).
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
-# Formats (as Pillow names them) that torchvision.io decodes natively; others go through Pillow.
-_TORCHVISION_FORMATS = frozenset({"JPEG", "PNG", "GIF", "WEBP"})
+# Formats (as Pillow names them) that torchvision.io decodes natively; others go through Pillow. Not PNG:
+# torchvision 0.29.1's decode_png kills the process (SIGSEGV) when libpng reports an error inside the image
+# data (one flipped byte: "IDAT: CRC error"), found by tests/reliability/test_fuzz.py; Pillow reports it.
+_TORCHVISION_FORMATS = frozenset({"JPEG", "GIF", "WEBP"})
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -352,17 +354,18 @@ def _pil_to_tensor(img: Any) -> Tensor:
         arr = np.repeat(np.clip(np.rint(arr), 0, 255).astype(np.uint8)[..., None], 3, axis=2)
     else:
         arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy())  # a writable copy, even of a 1-pixel image
 
 
 def decode_image_file(path: str | os.PathLike[str]) -> Tensor:
     """Decode one image file to a uint8 ``3 x H x W`` RGB tensor, or raise :class:`BadImage` saying why.
 
     The header is read first (Pillow reads only the header on open) and images with more than
-    :data:`MAX_IMAGE_PIXELS` pixels are refused, so a decompression bomb never gets decoded. JPEG, PNG,
-    GIF and WebP are decoded by torchvision.io (libjpeg-turbo/libpng; fast); other formats (BMP, TIFF) and
-    files torchvision cannot handle go through Pillow. Grey, grey+alpha, palette, RGBA and CMYK images
-    become 3-channel RGB (alpha is dropped); 16-bit images are scaled to 8 bits (value >> 8), not clipped.
+    :data:`MAX_IMAGE_PIXELS` pixels are refused, so a decompression bomb never gets decoded. JPEG, GIF and
+    WebP are decoded by torchvision.io (libjpeg-turbo; fast); PNG (see ``_TORCHVISION_FORMATS``), other
+    formats (BMP, TIFF) and files torchvision cannot handle go through Pillow. Grey, grey+alpha, palette,
+    RGBA and CMYK images become 3-channel RGB (alpha is dropped); 16-bit images are scaled to 8 bits
+    (value >> 8), not clipped.
     EXIF orientation is not applied, matching the usual Pillow-based ImageNet pipelines.
     """
     from PIL import Image, UnidentifiedImageError
@@ -401,9 +404,7 @@ def decode_image_file(path: str | os.PathLike[str]) -> Tensor:
                 warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 deprecates decoders
                 encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
                 image = tv_decode(encoded, mode=ImageReadMode.RGB)
-            if image.dtype == torch.uint16:  # 16-bit PNG
-                image = (image.to(torch.int32) >> 8).to(torch.uint8)
-            elif image.dtype != torch.uint8:
+            if image.dtype != torch.uint8:
                 raise RuntimeError(f"unexpected decoded dtype {image.dtype}")
             if image.ndim == 3 and image.shape[0] == 3:
                 return image.contiguous()

@@ -89,7 +89,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         if not is_zip_or_pickle:
             return _unwrap(load_file(path), path)
-        return _unwrap(torch.load(path, map_location="cpu", weights_only=True), path)
+        with open(path, "rb") as f:  # a file object: torch.load would treat a *.safetensors name by its suffix
+            return _unwrap(torch.load(f, map_location="cpu", weights_only=True), path)
     except pickle.UnpicklingError as e:
         raise CCTError(f"refusing to load {path}: it contains pickled Python objects, not only tensors "
                        f"({str(e).splitlines()[0][:200]})") from None

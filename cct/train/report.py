@@ -94,6 +94,13 @@ class MetricsLog:
         self.tensorboard.close()
 
 
+def _png(fig) -> bytes:
+    """A matplotlib figure as PNG bytes (written with `atomic_write`)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    return buffer.getvalue()
+
+
 def plot_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> None:
     """Draw loss, top-1 accuracy and learning rate against epoch into a PNG."""
     import matplotlib
@@ -117,7 +124,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> N
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+    atomic_write(path, _png(fig))
     plt.close(fig)
 
 
@@ -144,5 +151,5 @@ def plot_confusion(confusion, classes: list[str], path: Path, title: str = "") -
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+    atomic_write(path, _png(fig))
     plt.close(fig)

@@ -1,55 +1,76 @@
 """Checkpoints of a run: weights as safetensors (with the metadata needed to rebuild and use the model) and a
 separate training-state file for `--resume`, each written atomically so a kill at any moment leaves the
-previous file intact and loadable."""
+previous file intact and loadable; and the lock that keeps two runs out of one run directory."""
 
 from __future__ import annotations
 
+import fcntl
+import io
+import logging
 import os
 import pickle
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from ..errors import CCTError
+
+logger = logging.getLogger("cct.train")
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    """Call `write(tmp_path)`, fsync, then rename over `path`: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+def _write_error(path: Path, error: OSError) -> CCTError:
+    """A failed write (disk full, read-only, file too large, no permission) as one line naming the file."""
+    return CCTError(f"cannot write {path}: {error.strerror or error}; the files already in {path.parent} "
+                    "(the last checkpoint too) are kept as they were")
+
+
+def atomic_write(path: Path, data: bytes | memoryview) -> None:
+    """Write `data` to a temporary file beside `path`, fsync, then rename it over `path`: readers see the old
+    file or the new one. The data are serialised before the file is opened, so a full or read-only disk shows
+    up here as an OSError (torch.save into a file would report it as an opaque RuntimeError); it becomes a
+    one-line CCTError and the temporary file is removed."""
+    tmp = None
     try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _write_error(path, e) from None
         raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Atomically replace a text file."""
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+    atomic_write(path, text.encode())
 
 
 def save_weights(path: Path, model: nn.Module, metadata: dict[str, str]) -> None:
     """Write the model's state dict as safetensors, atomically, with `metadata` in the header."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, save(tensors, metadata=metadata))
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
     """Write the training state (tensors and plain Python values only) atomically."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, buffer.getbuffer())
 
 
 def load_state(path: Path) -> dict[str, Any]:
@@ -63,3 +84,57 @@ def load_state(path: Path) -> dict[str, Any]:
                        f"({str(e).splitlines()[0][:200]})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CCTError(f"cannot resume: {path} is not a readable training state ({str(e)[:200]})") from None
+
+
+class RunLock:
+    """Exclusive use of a run directory by one `cct train` (rank 0 under DDP), for the life of the run.
+
+    The file `.lock` holds the holder's pid and host while an `fcntl.flock` on it is held. The kernel drops the
+    flock when the process dies, however it dies, so a run killed with SIGKILL leaves the file filled in but
+    unlocked: the next run takes it over with a notice, and removes the temporary files the dead run was
+    writing. A clean exit empties the file. The file itself is never deleted: deleting it would let a third
+    process lock a fresh file while a second still holds the old one.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.path = run_dir / ".lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        except OSError as e:
+            raise _write_error(self.path, e) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 256).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise CCTError(f"{self.run_dir} is in use by a running `cct train` ({holder}): wait for it to end, "
+                           "or train into another --out folder") from None
+        previous = os.read(fd, 256).decode(errors="replace").strip()
+        if previous:
+            stale = sorted(self.run_dir.glob(".*.tmp"))
+            for tmp in stale:
+                tmp.unlink(missing_ok=True)
+            logger.warning("%s: the run that held it (%s) ended without releasing it; taking it over "
+                           "(%d unfinished temporary file(s) removed)", self.path, previous, len(stale))
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except OSError as e:
+            os.close(fd)
+            raise _write_error(self.path, e) from None
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._fd is not None:
+            try:
+                os.ftruncate(self._fd, 0)  # a released lock: no notice for the next run
+            except OSError:
+                pass  # the disk went read-only or full: the next run will just see a stale lock
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None

@@ -1,0 +1,88 @@
+"""Bad input through the real command line, one row per case: a one-line error, exit 2 for usage errors and 1
+for problems with data or files, no traceback (unless --debug); odd but valid images are accepted. Cases that
+other test files already check at the library level are run here once more through `cct` for the exit code;
+docs/reliability.md says where each one is tested."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import cct
+from cct.cli import main
+from cct.errors import UsageError
+from cct.models.checkpoint import model_metadata
+from cct.train.state import save_weights
+from tests.data.test_datasets import _odd_images, _write_bad_files
+
+MODEL = "cct_2_3x2_32"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Checkpoints (10 and 3 classes, truncated, empty), recipes and images, good and bad, in one folder."""
+    folder = tmp_path_factory.mktemp("bad-input")
+    for classes in (10, 3):
+        model = cct.create_model(MODEL, num_classes=classes)
+        meta = model_metadata(model, MODEL, [str(i) for i in range(classes)], (0.5,) * 3, (0.5,) * 3, "cifar10")
+        save_weights(folder / f"c{classes}.safetensors", model, meta)
+    (folder / "truncated.safetensors").write_bytes((folder / "c10.safetensors").read_bytes()[:5000])
+    (folder / "empty.safetensors").write_bytes(b"")
+    (folder / "wrong-type.yaml").write_text("model: cct_2_3x2_32\nepochs: three\n")
+    (folder / "list.yaml").write_text("- epochs\n- 3\n")
+    (folder / "broken.yaml").write_text("epochs: [1,\n")
+    (folder / "empty-dir").mkdir()
+    _write_bad_files(folder)  # zero.jpg, truncated.jpg, notes_not_image.png, bomb.png (20000 x 20000 header)
+    _odd_images(folder)  # gray.jpg, rgba.PNG, palette.png, gray16.png, ...
+    return folder
+
+
+TRAIN = "train keras-example --out {d}/run --data-dir {data}"
+PREDICT = "predict {d}/c10.safetensors"
+CASES = [  # (argv; {d}: the folder above, {data}: CIFAR-10's), exit code, a part of the one-line error
+    (f"{TRAIN} --set model=cct_nope", 2, "unknown model 'cct_nope'"),
+    (f"{TRAIN} --set dataset=cifar11", 2, "unknown dataset 'cifar11'; did you mean 'cifar10'?"),
+    (f"{TRAIN} --set epoch=2", 2, "unknown recipe key 'epoch'; did you mean 'epochs'?"),
+    (f"{TRAIN} --set lr=fast", 2, "recipe key 'lr' expects float, got 'fast'"),
+    (f"{TRAIN} --set epochs=-1", 2, "epochs must be >= 0, got -1"),
+    (f"{TRAIN} --set batch_size=0", 2, "batch_size must be >= 1, got 0"),
+    ("train {d}/wrong-type.yaml --out {d}/run", 2, "recipe key 'epochs' expects int, got 'three'"),
+    ("train {d}/list.yaml --out {d}/run", 2, "must be a mapping of keys to values"),
+    ("train {d}/broken.yaml --out {d}/run", 2, "is not valid YAML"),
+    ("train keras-example --out {d}/run --data-dir {d}/no-such-dir", 1, "cifar-10-batches-py"),
+    ("train keras-example --out {d}/run --data-dir {d}/empty-dir", 1, "cifar-10-batches-py"),
+    ("train keras-example --out {d}/run --set dataset=folder:{d}/empty-dir", 1, "has no class subfolders"),
+    ("eval {d}/c10.safetensors --batch-size 0", 2, "argument --batch-size: must be >= 1, got 0"),
+    (f"{PREDICT} {{d}}/gray.jpg --topk 0", 2, "argument --topk: must be >= 1, got 0"),
+    (f"{PREDICT} {{d}}/gray.jpg --topk -3", 2, "argument --topk: must be >= 1, got -3"),
+    (PREDICT, 2, "give a CHECKPOINT and at least one image"),
+    (f"{PREDICT} {{d}}/zero.jpg", 1, "zero.jpg: empty file (0 bytes)"),
+    (f"{PREDICT} {{d}}/truncated.jpg", 1, "truncated.jpg: "),
+    (f"{PREDICT} {{d}}/notes_not_image.png", 1, "notes_not_image.png: "),
+    (f"{PREDICT} {{d}}/bomb.png", 1, "bomb.png: too many pixels"),
+    (f"{PREDICT} {{d}}/no-such.png", 1, "no-such.png: cannot read file (No such file or directory)"),
+    (f"{PREDICT} {{d}}/empty-dir", 1, "empty-dir: cannot read file (Is a directory)"),
+    ("eval {d}/c3.safetensors --data-dir {data}", 1, "cifar10 has 10 classes but the model predicts 3"),
+    ("eval {d}/truncated.safetensors --data-dir {data}", 1, "truncated.safetensors is not a readable"),
+    ("eval {d}/empty.safetensors --model cct_2_3x2_32 --data-dir {data}", 1, "empty.safetensors is not a readable"),
+    ("eval {d}/c10.safetensors --model cct_7_3x1_32 --data-dir {data}", 1, "does not fit cct_7_3x1_32: missing"),
+]
+
+
+@pytest.mark.parametrize("argv, code, message", CASES, ids=[c[0].split("{d}/")[-1][:60] for c in CASES])
+def test_bad_input_is_one_line_and_an_exit_code(argv, code, message, files, data_root, capsys):
+    assert main(argv.format(d=files, data=data_root).split()) == code
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_odd_image_modes_are_accepted(files, capsys):
+    images = [str(files / name) for name in ("gray.jpg", "rgba.PNG", "palette.png", "gray16.png", "tiny.png")]
+    assert main(["predict", str(files / "c10.safetensors"), *images, "--topk", "2"]) == 0
+    assert capsys.readouterr().out.count("%") == 2 * len(images)
+
+
+def test_debug_shows_the_traceback(files):
+    with pytest.raises(UsageError, match="unknown recipe key 'epoch'"):
+        main(["--debug", "train", "keras-example", "--set", "epoch=2", "--out", str(files / "run")])
