@@ -24,6 +24,19 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `minimum`; anything else is a one-line usage error naming the option."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse's message for a non-number: "invalid int value"
+    return parse
+
+
 def _print_json(obj: object) -> None:
     json.dump(obj, sys.stdout, indent=2)
     sys.stdout.write("\n")
@@ -59,11 +72,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = load_config(args.recipe, args.set or [])
     name = Path(args.recipe).stem
     run_dir = Path(args.out) if args.out else Path("runs") / name
-    if args.nproc_per_node and args.nproc_per_node > 1:
-        _relaunch_with_torchrun(args.nproc_per_node)
-        return
     if not args.resume and (run_dir / "last.state.pt").exists():
         raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, or --out another folder")
+    nproc = args.nproc_per_node or (cfg.processes if "TORCHELASTIC_RUN_ID" not in os.environ else 1)
+    if nproc > 1:
+        _relaunch_with_torchrun(nproc, args.argv)
+        return
     summary = train(cfg, run_dir, data_root=_data_root(args.data_dir), resume=args.resume, device=args.device)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return
@@ -78,7 +92,7 @@ def _data_root(data_dir: str | None) -> Path:
     return resolve_data_root(data_dir)
 
 
-def _relaunch_with_torchrun(nproc: int) -> None:
+def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> None:
     """`cct train --nproc-per-node N ...`: run the same command under torchrun on this machine (the launcher
     runs in this process, like `python -m torch.distributed.run --standalone`, so that a failed worker becomes
     one line here instead of torchrun's report)."""
@@ -91,7 +105,6 @@ def _relaunch_with_torchrun(nproc: int) -> None:
     if "TORCHELASTIC_RUN_ID" in os.environ:
         raise UsageError("--nproc-per-node starts torchrun itself: under torchrun, leave it out "
                          "(torchrun's own --nproc-per-node sets the processes)")
-    argv = sys.argv[1:]
     cleaned, skip = [], False
     for arg in argv:
         if skip:
@@ -127,10 +140,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from .train import load_config
     from .train.bench import run_bench
 
-    overrides = list(args.set or [])
-    for key in ("model", "batch_size", "precision", "img_size", "threads"):
-        if getattr(args, key) is not None:
-            overrides.append(f"{key}={getattr(args, key)}")
+    # the model, batch and threads of the command line (defaults: the speed targets' cct_2_3x2_32, batch 128, all
+    # cores), never the recipe's: the recipe gives the augmentation and optimiser only
+    overrides = [f"model={args.model}", f"batch_size={args.batch_size}", f"threads={args.threads or 'null'}"]
+    overrides += [f"{key}={getattr(args, key)}" for key in ("precision", "img_size") if getattr(args, key) is not None]
+    overrides += args.set or []
     cfg = load_config(args.recipe, overrides)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -322,19 +336,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in the run directory")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    p.add_argument("--nproc-per-node", type=int, help="start this many processes with torchrun (DDP)")
+    p.add_argument("--nproc-per-node", type=_at_least(1),
+                   help="start this many processes with torchrun (DDP); default: the recipe's `processes`")
 
     p = add("bench", cmd_bench, "measure training/inference images/s and the fraction of the matmul peak",
             "  cct bench\n  cct bench --model cct_7_3x1_32 --batch-size 128 --precision bf16 --json\n"
             "  cct bench --set stochastic_depth=skip --set drop_path_rate=0.5")
-    p.add_argument("--model", help="model name (default: the recipe's)")
-    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--model", default="cct_2_3x2_32")
+    p.add_argument("--batch-size", dest="batch_size", type=_at_least(1), default=128)
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
-    p.add_argument("--img-size", dest="img_size", type=int)
-    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--img-size", dest="img_size", type=_at_least(1))
+    p.add_argument("--threads", type=_at_least(1), help="torch intra-op threads (default: torch's own, one per core)")
     p.add_argument("--recipe", default="cifar10-fast", help="recipe giving the augmentation and optimiser")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
-    p.add_argument("--windows", type=int, default=5, help="timed windows (the median is reported)")
+    p.add_argument("--windows", type=_at_least(1), default=5, help="timed windows (the median is reported)")
     p.add_argument("--device", choices=("cpu", "cuda"))
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
@@ -351,8 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="folder holding the datasets (default: $CCT_DATA, then ./data)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="bf16",
                    help="autocast precision (default bf16, as training evaluates)")
-    p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--workers", type=int, default=4, help="decoding workers for file datasets")
+    p.add_argument("--batch-size", type=_at_least(1), default=500)
+    p.add_argument("--workers", type=_at_least(0), default=4, help="decoding workers for file datasets")
     p.add_argument("--flip", action="store_true", help="test-time horizontal-flip averaging")
     p.add_argument("--device", choices=("cpu", "cuda"))
     p.add_argument("--out", help="folder for eval.json and confusion.png")
@@ -365,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "with --pretrained) followed by image files of any size or mode")
     p.add_argument("--model", help="architecture name, for files that do not record it")
     p.add_argument("--pretrained", metavar="TAG", help="use the shipped weights of --model, e.g. cifar10")
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=_at_least(1), default=5)
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
     p = add("export", cmd_export, "export a trained model to ONNX, safetensors, TorchScript or a Hub folder",
@@ -393,6 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         args = build_parser().parse_args(argv)
+        args.argv = argv  # for `cct train` to restart itself under torchrun
         args.func(args)
         return 0
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -84,6 +85,7 @@ class Config:
     compile: bool = False
     channels_last: bool = True
     threads: int | None = None  # torch intra-op threads; None: torch's default
+    processes: int = 1  # DDP processes `cct train` starts on this machine (as --nproc-per-node, which wins)
     seed: int = 0
     on_nan: str = "stop"
     # evaluation and checkpoints
@@ -135,20 +137,37 @@ def coerce(key: str, value: Any) -> Any:
     return value
 
 
+# Allowed values of the numeric keys (a key left null, e.g. `img_size`, is not checked).
+_AT_LEAST = {
+    **dict.fromkeys(("epochs", "workers", "padding", "mixup_off_epoch", "min_lr", "warmup_lr", "warmup_epochs",
+                     "cooldown_epochs", "weight_decay", "mixup", "cutmix", "low_res_epochs"), 0),
+    **dict.fromkeys(("img_size", "train_samples", "eval_samples", "batch_size", "eval_batch_size", "eval_every",
+                     "checkpoint_every_steps", "threads", "low_res_size", "processes"), 1),
+}
+_POSITIVE = ("lr", "grad_clip")
+_FRACTIONS = ("drop_path_rate", "drop_rate", "attn_drop_rate", "label_smoothing", "momentum", "val_fraction")
+_PROBABILITIES = ("hflip", "mix_prob", "switch_prob", "erasing", "ema_decay")
+_LARGEST_INT = 2**31 - 1  # seeds and thread counts beyond this overflow torch's C integers
+
+
 def _validate(cfg: Config) -> Config:
-    if cfg.epochs < 0:
-        raise UsageError(f"epochs must be >= 0, got {cfg.epochs}")
-    for key in ("batch_size", "eval_batch_size", "eval_every"):
-        if getattr(cfg, key) < 1:
-            raise UsageError(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    for key in ("train_samples", "eval_samples"):
-        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
-            raise UsageError(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    if cfg.lr <= 0:
-        raise UsageError(f"lr must be > 0, got {cfg.lr}")
-    for key in ("drop_path_rate", "hflip", "mix_prob", "erasing", "label_smoothing"):
-        if not 0 <= getattr(cfg, key) < 1 + (key in ("hflip", "mix_prob", "erasing")):
-            raise UsageError(f"{key} must be in [0, 1], got {getattr(cfg, key)}")
+    """Refuse values that would otherwise fail later with a traceback (or silently train nonsense)."""
+    for key in FIELDS:
+        value = getattr(cfg, key)
+        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        problem = ("a finite number" if not math.isfinite(value)
+                   else f"within ±{_LARGEST_INT}" if isinstance(value, int) and abs(value) > _LARGEST_INT
+                   else f">= {_AT_LEAST[key]}" if key in _AT_LEAST and value < _AT_LEAST[key]
+                   else "> 0" if key in _POSITIVE and value <= 0
+                   else "in [0, 1)" if key in _FRACTIONS and not 0 <= value < 1
+                   else "in [0, 1]" if key in _PROBABILITIES and not 0 <= value <= 1 else None)
+        if problem:
+            raise UsageError(f"{key} must be {problem}, got {value}")
+    scale = cfg.scale
+    if len(scale) != 2 or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in scale) \
+            or not 0 < scale[0] <= scale[1] <= 1:
+        raise UsageError(f"scale must be [min, max] with 0 < min <= max <= 1, got {cfg.scale}")
     return cfg
 
 

@@ -26,7 +26,9 @@ def test_shipped_weights_reproduce_their_record(key, data_root, capsys):
     assert main(["eval", "--model", name, "--pretrained", tag, "--data-dir", str(data_root), "--json", *flip]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["images"] == 10_000
-    assert report["top1"] == pytest.approx(record["final_top1"], abs=0.02)
+    # bf16 evaluation: a different attention kernel or batch split than at training time moves a few borderline
+    # images (the keras weights: 83.40% recorded with SDPA, 83.38% with the explicit attention of today)
+    assert report["top1"] == pytest.approx(record["final_top1"], abs=0.05)
 
 
 def test_default_pretrained_is_the_keras_example_model():

@@ -1,5 +1,5 @@
 """DDP (torchrun, gloo on CPU) against the real training code: ranks stay identical, 2 ranks x B equal 1 process
-x 2B, a killed worker fails the job with one line and --resume finishes it, and `--nproc-per-node 2` leaves the
+x 2B, a killed worker fails the job with one line and --resume finishes it, and `processes: 2` leaves the
 same files as a single process. Needs the real CIFAR-10 (env CCT_DATA)."""
 
 from __future__ import annotations
@@ -149,11 +149,12 @@ def test_killed_worker_fails_the_job_with_one_line_and_resume_finishes_it(tmp_pa
     assert len(metrics) == 2 and metrics[1].startswith("3,24,")
 
 
-def test_nproc_per_node_writes_one_run_directory_like_a_single_process(tmp_path):
+def test_recipe_processes_writes_one_run_directory_like_a_single_process(tmp_path):
+    """A recipe's `processes: 2` starts torchrun like --nproc-per-node 2 (the kill test above uses the flag)."""
     one = _cct("keras-example", *TINY, "--set", "epochs=1", "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
     two = _cct("keras-example", *TINY, "--set", "epochs=1", "--set", "batch_size=64", "--out", str(tmp_path / "two"),
-               "--nproc-per-node", "2")
+               "--set", "processes=2")
     assert two.returncode == 0, two.stderr
 
     def files(run: Path) -> list[str]:

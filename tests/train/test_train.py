@@ -4,10 +4,7 @@ every bundled recipe building its model and data, configuration errors."""
 import csv
 import json
 import math
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +20,7 @@ from cct.train import bundled_recipes, load_config
 from cct.train.config import Config
 from cct.train.loop import learning_rate
 from tests.data.test_datasets import _flowers_tree
+from tests.helpers import cct_process, metrics_without_timing, run_cct, state_step
 
 SUMMARY_KEYS = {"model", "params", "dataset", "epochs", "best_top1", "final_top1", "final_top5", "train_seconds",
                 "img_per_s", "device", "torch", "git_commit", "skipped_images"}
@@ -54,45 +52,29 @@ def test_existing_run_is_not_overwritten(trained_run, data_root, capsys):
     assert (trained_run / "last.safetensors").read_bytes() == before
 
 
-def _step_of(state_path: Path) -> int:
-    try:
-        return torch.load(state_path, weights_only=True)["step"]
-    except (FileNotFoundError, RuntimeError, EOFError):
-        return -1
-
-
-def _cct(*args: str, data_root: Path) -> subprocess.Popen:
-    env = dict(os.environ, CCT_DATA=str(data_root), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    return subprocess.Popen([sys.executable, "-m", "cct", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
 def test_kill_9_mid_epoch_then_resume_equals_uninterrupted(data_root, tmp_path):
     args = ["train", "keras-example", "--set", "epochs=2", "--set", "train_samples=1024", "--set", "batch_size=32",
             "--set", "checkpoint_every_steps=4", "--set", "eval_batch_size=2000"]
-    reference = _cct(*args, "--out", str(tmp_path / "ref"), data_root=data_root)
-    killed = _cct(*args, "--out", str(tmp_path / "run"), data_root=data_root)
+    reference = cct_process(*args, "--out", str(tmp_path / "ref"), data_root=data_root)
+    killed = cct_process(*args, "--out", str(tmp_path / "run"), data_root=data_root)
     state = tmp_path / "run" / "last.state.pt"
     deadline = time.time() + 300
-    while _step_of(state) < 12 and killed.poll() is None and time.time() < deadline:
+    while state_step(state) < 12 and killed.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert killed.poll() is None, "the run finished before it could be killed"
     killed.send_signal(signal.SIGKILL)
     killed.wait()
-    step_at_kill = _step_of(state)
+    step_at_kill = state_step(state)
     assert 12 <= step_at_kill < 64 and step_at_kill % 32  # killed mid-epoch, a checkpoint every 4 steps
     load_file(tmp_path / "run" / "last.safetensors")  # the weights left behind load
-    resumed = _cct(*args, "--out", str(tmp_path / "run"), "--resume", data_root=data_root)
-    assert resumed.wait() == 0, resumed.stdout.read()
-    assert reference.wait() == 0, reference.stdout.read()
+    resumed = run_cct(*args, "--out", str(tmp_path / "run"), "--resume", data_root=data_root)
+    assert resumed.returncode == 0, resumed.stderr
+    assert reference.wait() == 0, reference.communicate()
     ref = load_file(tmp_path / "ref" / "last.safetensors")
     got = load_file(tmp_path / "run" / "last.safetensors")
     for key in ref:
         assert torch.equal(ref[key], got[key]), key
-    ref_rows = (tmp_path / "ref" / "metrics.csv").read_text().splitlines()
-    got_rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
-    drop_timing = [[c for i, c in enumerate(r.split(",")) if i not in (8, 9)] for r in ref_rows]
-    assert drop_timing == [[c for i, c in enumerate(r.split(",")) if i not in (8, 9)] for r in got_rows]
+    assert metrics_without_timing(tmp_path / "ref") == metrics_without_timing(tmp_path / "run")
 
 
 def test_eval_matches_training_and_writes_confusion(trained_run, data_root, tmp_path, capsys):
@@ -173,7 +155,7 @@ def test_every_bundled_recipe_builds_model_and_data(recipe, data_root, tmp_path,
         root = tmp_path / "data"
         _tiny_trees(root)
     args = ["train", recipe, "--data-dir", str(root), "--set", "epochs=0", "--set", "workers=0",
-            "--set", "eval_samples=100", "--out", str(tmp_path / "run")]
+            "--set", "eval_samples=100", "--set", "processes=1", "--out", str(tmp_path / "run")]
     if cfg.img_size and cfg.img_size > 32:
         args += ["--set", "img_size=64", "--set", "eval_batch_size=64"]
     assert main(args) == 0
