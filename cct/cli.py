@@ -74,7 +74,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     run_dir = Path(args.out) if args.out else Path("runs") / name
     if not args.resume and (run_dir / "last.state.pt").exists():
         raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, or --out another folder")
-    nproc = args.nproc_per_node or (cfg.processes if "TORCHELASTIC_RUN_ID" not in os.environ else 1)
+    nproc = args.nproc_per_node or (cfg.processes if _cpu_launch(args.device) else 1)
     if nproc > 1:
         _relaunch_with_torchrun(nproc, args.argv)
         return
@@ -84,6 +84,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"done: {summary['model']} on {summary['dataset']}: final top-1 {summary['final_top1']:.2f}% "
           f"(best {summary['best_top1']:.2f}%), {summary['train_seconds']:.0f} s training, "
           f"{summary['wall_seconds']:.0f} s in all; outputs in {run_dir}")
+
+
+def _cpu_launch(device: str | None) -> bool:
+    """Whether a recipe's `processes` applies: a CPU run started by hand (not yet under torchrun). On GPUs the
+    process count is one per GPU, chosen with --nproc-per-node."""
+    import torch
+
+    on_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
+    return on_cpu and "TORCHELASTIC_RUN_ID" not in os.environ
 
 
 def _data_root(data_dir: str | None) -> Path:

@@ -85,7 +85,7 @@ class Config:
     compile: bool = False
     channels_last: bool = True
     threads: int | None = None  # torch intra-op threads; None: torch's default
-    processes: int = 1  # DDP processes `cct train` starts on this machine (as --nproc-per-node, which wins)
+    processes: int = 1  # DDP processes `cct train` starts for a CPU run (as --nproc-per-node, which wins)
     seed: int = 0
     on_nan: str = "stop"
     # evaluation and checkpoints
