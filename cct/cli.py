@@ -192,7 +192,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .data.loader import BatchSource
     from .models.checkpoint import load_trained
     from .train.config import Config
-    from .train.loop import configure_attention, evaluate, retain_freed_memory
+    from .train.loop import configure_for_device, evaluate
     from .train.report import plot_confusion
 
     model, meta = load_trained(_weights_source(args), args.model)
@@ -209,9 +209,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     cfg = Config(precision=args.precision, eval_batch_size=args.batch_size, test_time_flip=args.flip)
-    configure_attention(model, device, cfg.precision)
-    if device.type == "cpu":
-        retain_freed_memory()
+    configure_for_device(model, device, cfg.precision)
     result = evaluate(model, BatchSource(data, device, args.workers), meta["mean"], meta["std"], cfg, device,
                       model.num_classes)
     confusion = result.pop("confusion")
