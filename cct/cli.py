@@ -146,19 +146,34 @@ def cmd_bench(args: argparse.Namespace) -> None:
     """Measure training and inference images/s of a model against this machine's matmul peak."""
     import torch
 
+    from .train import distributed as dist
     from .train import load_config
     from .train.bench import run_bench
 
     # the model, batch and threads of the command line (defaults: the speed targets' cct_2_3x2_32, batch 128, all
-    # cores), never the recipe's: the recipe gives the augmentation and optimiser only
-    overrides = [f"model={args.model}", f"batch_size={args.batch_size}", f"threads={args.threads or 'null'}"]
+    # cores), never the recipe's: the recipe gives the augmentation, the optimiser and the process layout
+    cfg = load_config(args.recipe, args.set or [])
+    nproc = args.nproc_per_node or (cfg.processes if _cpu_launch(args.device) else 1)
+    if nproc > 1:
+        if args.batch_size % nproc:
+            raise UsageError(f"--batch-size {args.batch_size} does not split over {nproc} processes")
+        _relaunch_with_torchrun(nproc, args.argv)
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch_size % world:
+        raise UsageError(f"--batch-size {args.batch_size} does not split over {world} processes")
+    threads = args.threads or max(1, (os.cpu_count() or 1) // world)
+    overrides = [f"model={args.model}", f"batch_size={args.batch_size // world}", f"threads={threads}"]
     overrides += [f"{key}={getattr(args, key)}" for key in ("precision", "img_size") if getattr(args, key) is not None]
-    overrides += args.set or []
-    cfg = load_config(args.recipe, overrides)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    cfg = load_config(args.recipe, [*(args.set or []), *overrides])
+    torch.set_num_threads(cfg.threads)
+    dist.setup(args.device)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", dist.local_rank())
     result = run_bench(cfg, device, windows=args.windows)
+    if dist.rank() != 0:
+        return
     if args.json:
         _print_json(result)
         return
@@ -348,13 +363,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("bench", cmd_bench, "measure training/inference images/s and the fraction of the matmul peak",
             "  cct bench\n  cct bench --model cct_7_3x1_32 --batch-size 128 --precision bf16 --json\n"
+            "  cct bench --nproc-per-node 1   # one process, every core\n"
             "  cct bench --set stochastic_depth=skip --set drop_path_rate=0.5")
     p.add_argument("--model", default="cct_2_3x2_32")
     p.add_argument("--batch-size", dest="batch_size", type=_at_least(1), default=128)
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--img-size", dest="img_size", type=_at_least(1))
-    p.add_argument("--threads", type=_at_least(1), help="torch intra-op threads (default: torch's own, one per core)")
-    p.add_argument("--recipe", default="cifar10-fast", help="recipe giving the augmentation and optimiser")
+    p.add_argument("--threads", type=_at_least(1),
+                   help="torch intra-op threads per process (default: the cores shared out over the processes)")
+    p.add_argument("--nproc-per-node", type=_at_least(1),
+                   help="DDP processes under torchrun, sharing --batch-size (default on a CPU: the recipe's "
+                        "`processes`, as `cct train` runs it)")
+    p.add_argument("--recipe", default="cifar10-fast",
+                   help="recipe giving the augmentation, optimiser and process layout")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
     p.add_argument("--windows", type=_at_least(1), default=5, help="timed windows (the median is reported)")
     p.add_argument("--device", choices=("cpu", "cuda"))

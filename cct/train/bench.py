@@ -3,6 +3,11 @@
 The training step is the training loop's own (`Engine.step`: batched augmentation, autocast forward, loss,
 backward, optimiser step), on uint8 images that already live on the device, as in training.
 Figures are medians over several timed windows after a warm-up: these machines are shared and noisy.
+
+Under torchrun (`cct bench --nproc-per-node N`, the default on a CPU when the recipe trains with `processes: N`)
+every process runs its share of the batch as a DDP rank, the way `cct train` runs that recipe; each timed window
+starts and ends with a barrier, so a window lasts as long as the slowest rank, and the images/s and the matmul
+peak are those of all processes together.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 
 from ..data.augment import normalize
 from ..models.complexity import count_macs
+from . import distributed as dist
 from .config import Config
 from .loop import Engine, autocast, cpu_name
 
@@ -39,11 +45,15 @@ def window_seconds(run: Callable[[], None], windows: int, calls_per_window: int,
 
 def _median_rate(run: Callable[[], None], items_per_call: int, windows: int, calls_per_window: int,
                  warmup: int) -> float:
-    return items_per_call / statistics.median(window_seconds(run, windows, calls_per_window, warmup))
+    """Items per second of all ranks together: every rank runs `run` on its own `items_per_call` items, and a
+    barrier closes each window (the slowest rank sets its length)."""
+    seconds = window_seconds(run, windows, calls_per_window, warmup, sync=dist.barrier)
+    return items_per_call * dist.world_size() / statistics.median(seconds)
 
 
 def matmul_peak_gflops(precision: str, device: torch.device, size: int = 2048, windows: int = 5) -> float:
-    """Measured dense matmul throughput (GFLOP/s) of a size x size product in the given precision."""
+    """Measured dense matmul throughput (GFLOP/s) of a size x size product in the given precision (under
+    torchrun: every rank multiplies at once, and the figure is their sum, the peak of that process layout)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
@@ -58,7 +68,8 @@ def matmul_peak_gflops(precision: str, device: torch.device, size: int = 2048, w
 
 def run_bench(cfg: Config, device: torch.device, windows: int = 5, steps_per_window: int = 5,
               num_classes: int = 10) -> dict[str, Any]:
-    """Benchmark `cfg.model` at `cfg.batch_size` / `cfg.precision`; returns the figures as a dict."""
+    """Benchmark `cfg.model` at `cfg.batch_size` images per process / `cfg.precision`; returns the figures as a
+    dict (images/s and GFLOP/s of all processes together under torchrun)."""
     img_size = cfg.img_size or 32
     mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
     engine = Engine(cfg, num_classes, img_size, mean, std, True, device)
@@ -88,7 +99,8 @@ def run_bench(cfg: Config, device: torch.device, windows: int = 5, steps_per_win
     peak = matmul_peak_gflops(cfg.precision, device)
     # forward + backward ~ 3x the forward FLOPs (backward computes gradients of inputs and of weights)
     gflops_train = 3 * 2 * count_macs(engine.model, img_size) / 1e9
-    return dict(model=cfg.model, batch_size=cfg.batch_size, precision=cfg.precision, img_size=img_size,
+    return dict(model=cfg.model, batch_size=cfg.batch_size * dist.world_size(), precision=cfg.precision,
+                processes=dist.world_size(), batch_per_process=cfg.batch_size, img_size=img_size,
                 stochastic_depth=cfg.stochastic_depth, drop_path_rate=cfg.drop_path_rate,
                 auto_augment=cfg.auto_augment, compile=cfg.compile,
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_name()})",

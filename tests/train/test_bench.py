@@ -1,19 +1,43 @@
-"""`cct bench --json`: one JSON document with every figure the speed issue asks for."""
+"""`cct bench --json`: one JSON document with every figure the speed issue asks for, in one process and in the
+torchrun layout of a recipe that trains with `processes: 2`."""
 
 import json
+import subprocess
+import sys
 
 from cct.cli import main
 
 KEYS = {"model", "batch_size", "precision", "device", "threads", "train_img_per_s", "infer_img_per_s",
-        "gflops_per_img_train", "achieved_gflops", "peak_matmul_gflops", "fraction_of_peak"}
+        "gflops_per_img_train", "achieved_gflops", "peak_matmul_gflops", "fraction_of_peak", "processes",
+        "batch_per_process"}
 
 
-def test_bench_json(capsys):
-    assert main(["bench", "--batch-size", "16", "--windows", "1", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
+def _check_figures(result: dict) -> None:
     assert KEYS <= set(result)
-    assert result["model"] == "cct_2_3x2_32" and result["batch_size"] == 16
     assert result["train_img_per_s"] > 0 and result["infer_img_per_s"] > 0
     assert abs(result["gflops_per_img_train"] - 0.212) < 0.001  # 3 x 2 x 35.3 MMACs
     assert abs(result["achieved_gflops"] - result["train_img_per_s"] * result["gflops_per_img_train"]) < 1
     assert 0 < result["fraction_of_peak"] < 1
+
+
+def test_bench_json_one_process(capsys):
+    assert main(["bench", "--batch-size", "16", "--windows", "1", "--json", "--nproc-per-node", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    _check_figures(result)
+    assert result["model"] == "cct_2_3x2_32" and result["batch_size"] == 16 and result["processes"] == 1
+
+
+def test_bench_json_two_ddp_processes():
+    """The default recipe (cifar10-fast) trains in 2 processes: the bench starts torchrun the same way, shares
+    the batch out and reports one document (rank 0's) with the figures of both processes together."""
+    out = subprocess.run([sys.executable, "-m", "cct", "bench", "--batch-size", "16", "--windows", "1", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    _check_figures(result)
+    assert (result["processes"], result["batch_size"], result["batch_per_process"]) == (2, 16, 8)
+
+
+def test_bench_batch_must_split_over_processes(capsys):
+    assert main(["bench", "--batch-size", "15", "--nproc-per-node", "2"]) == 2
+    assert "does not split over 2 processes" in capsys.readouterr().err
