@@ -74,6 +74,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     run_dir = Path(args.out) if args.out else Path("runs") / name
     if not args.resume and (run_dir / "last.state.pt").exists():
         raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, or --out another folder")
+    _device(args.device)
     nproc = args.nproc_per_node or (cfg.processes if _cpu_launch(args.device) else 1)
     if nproc > 1:
         _relaunch_with_torchrun(nproc, args.argv)
@@ -84,6 +85,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"done: {summary['model']} on {summary['dataset']}: final top-1 {summary['final_top1']:.2f}% "
           f"(best {summary['best_top1']:.2f}%), {summary['train_seconds']:.0f} s training, "
           f"{summary['wall_seconds']:.0f} s in all; outputs in {run_dir}")
+
+
+def _device(name: str | None):
+    """The torch device of a `--device` option (default: CUDA where there is a GPU); one line, not a driver
+    traceback, where `--device cuda` names a GPU this machine does not have."""
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available on this machine (use --device cpu)")
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _cpu_launch(device: str | None) -> bool:
@@ -150,9 +161,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from .train import load_config
     from .train.bench import run_bench
 
-    # the model, batch and threads of the command line (defaults: the speed targets' cct_2_3x2_32, batch 128, all
-    # cores), never the recipe's: the recipe gives the augmentation, the optimiser and the process layout
+    # the model, batch and threads of the command line (defaults: the speed targets' cct_2_3x2_32, batch 128, the
+    # cores shared out over the processes), never the recipe's: the recipe gives the augmentation, the optimiser
+    # and the process layout
     cfg = load_config(args.recipe, args.set or [])
+    device = _device(args.device)
     nproc = args.nproc_per_node or (cfg.processes if _cpu_launch(args.device) else 1)
     if nproc > 1:
         if args.batch_size % nproc:
@@ -168,7 +181,6 @@ def cmd_bench(args: argparse.Namespace) -> None:
     cfg = load_config(args.recipe, [*(args.set or []), *overrides])
     torch.set_num_threads(cfg.threads)
     dist.setup(args.device)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", dist.local_rank())
     result = run_bench(cfg, device, windows=args.windows)
@@ -201,7 +213,6 @@ def cmd_recipes(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """Evaluate a trained model on a dataset's test split: top-1, top-5, loss, per-class accuracy."""
-    import torch
 
     from .data.datasets import build_dataset, dataset_info, eval_transform
     from .data.loader import BatchSource
@@ -221,7 +232,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise CCTError(f"{dataset} has {len(data.classes)} classes but the model predicts {model.num_classes}")
     if not info.in_memory:
         data.transform = eval_transform(model.img_size[0])
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args.device)
     model.to(device)
     cfg = Config(precision=args.precision, eval_batch_size=args.batch_size, test_time_flip=args.flip)
     configure_for_device(model, device, cfg.precision)

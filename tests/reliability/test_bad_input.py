@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 import cct
 from cct.cli import main
@@ -67,7 +68,9 @@ CASES = [  # (argv; {d}: the folder above, {data}: CIFAR-10's), exit code, a par
     ("eval {d}/truncated.safetensors --data-dir {data}", 1, "truncated.safetensors is not a readable"),
     ("eval {d}/empty.safetensors --model cct_2_3x2_32 --data-dir {data}", 1, "empty.safetensors is not a readable"),
     ("eval {d}/c10.safetensors --model cct_7_3x1_32 --data-dir {data}", 1, "does not fit cct_7_3x1_32: missing"),
+    ("bench --batch-size 15 --nproc-per-node 2", 2, "--batch-size 15 does not split over 2 processes"),
 ]
+NO_GPU = [f"{TRAIN} --device cuda", "bench --device cuda", "eval {d}/c10.safetensors --device cuda"]
 
 
 @pytest.mark.parametrize("argv, code, message", CASES, ids=[c[0].split("{d}/")[-1][:60] for c in CASES])
@@ -75,6 +78,14 @@ def test_bad_input_is_one_line_and_an_exit_code(argv, code, message, files, data
     assert main(argv.format(d=files, data=data_root).split()) == code
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("argv", NO_GPU)
+def test_device_cuda_without_a_gpu(argv, files, data_root, capsys):
+    assert main(argv.format(d=files, data=data_root).split()) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --device cuda: no CUDA device is available on this machine (use --device cpu)\n", err
 
 
 def test_odd_image_modes_are_accepted(files, capsys):

@@ -37,7 +37,3 @@ def test_bench_json_two_ddp_processes():
     _check_figures(result)
     assert (result["processes"], result["batch_size"], result["batch_per_process"]) == (2, 16, 8)
 
-
-def test_bench_batch_must_split_over_processes(capsys):
-    assert main(["bench", "--batch-size", "15", "--nproc-per-node", "2"]) == 2
-    assert "does not split over 2 processes" in capsys.readouterr().err
