@@ -77,7 +77,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     _device(args.device)
     nproc = args.nproc_per_node or (cfg.processes if _cpu_launch(args.device) else 1)
     if nproc > 1:
-        _relaunch_with_torchrun(nproc, args.argv)
+        _relaunch_with_torchrun(nproc, args.argv, share_cores=_cpu_launch(args.device))
         return
     summary = train(cfg, run_dir, data_root=_data_root(args.data_dir), resume=args.resume, device=args.device)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
@@ -112,7 +112,7 @@ def _data_root(data_dir: str | None) -> Path:
     return resolve_data_root(data_dir)
 
 
-def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> None:
+def _relaunch_with_torchrun(nproc: int, argv: list[str], share_cores: bool) -> None:
     """`cct train --nproc-per-node N ...`: run the same command under torchrun on this machine (the launcher
     runs in this process, like `python -m torch.distributed.run --standalone`, so that a failed worker becomes
     one line here instead of torchrun's report)."""
@@ -133,9 +133,12 @@ def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> None:
             skip = True
         elif not arg.startswith("--nproc-per-node="):
             cleaned.append(arg)
-    # torchrun's default (one intra-op thread per process), set here to skip its banner; `--set threads=K` or
-    # OMP_NUM_THREADS choose otherwise
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # intra-op threads per process: on a CPU the cores shared out over the processes (1 each on 2 cores; an 8-core
+    # laptop running `processes: 2` gets 4 each instead of leaving 6 cores idle), elsewhere torchrun's default of 1
+    # (the GPU does the work; DataLoader workers want the cores). Set here, which also skips torchrun's banner;
+    # `--set threads=K` or OMP_NUM_THREADS choose otherwise.
+    threads = max(1, (os.cpu_count() or 1) // nproc) if share_cores else 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     elastic_log = logging.getLogger("torch.distributed.elastic")
     level = elastic_log.level
     elastic_log.setLevel(logging.CRITICAL)  # its "sending SIGTERM" / "failed" lines: the error below says it
@@ -170,7 +173,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if nproc > 1:
         if args.batch_size % nproc:
             raise UsageError(f"--batch-size {args.batch_size} does not split over {nproc} processes")
-        _relaunch_with_torchrun(nproc, args.argv)
+        _relaunch_with_torchrun(nproc, args.argv, share_cores=_cpu_launch(args.device))
         return
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.batch_size % world:
