@@ -395,13 +395,14 @@ def _train(cfg: Config, run_dir: Path, data_root: Path | None, resume: bool, dev
                        train_loss=totals[0] / max(totals[2], 1), train_top1=100 * totals[1] / max(totals[2], 1),
                        test_loss=result["loss"], test_top1=result["top1"], test_top5=result["top5"],
                        img_per_s=totals[2] / max(stats.seconds, 1e-9), seconds=round(train_seconds, 2),
-                       skipped=int(totals[3]))
+                       skipped=int(totals[3]), nan_steps=int(stats.extra.get("nan_steps", 0)))
             if rank0:
                 log.add(row)
                 progress.write(f"epoch {epoch}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
                                f"top-1 {row['train_top1']:.2f}% | test loss {row['test_loss']:.4f} "
                                f"top-1 {row['test_top1']:.2f}% top-5 {row['test_top5']:.2f}% | "
-                               f"{row['img_per_s']:.0f} img/s")
+                               f"{row['img_per_s']:.0f} img/s"
+                               + (f" | {row['nan_steps']} non-finite steps skipped" if row["nan_steps"] else ""))
                 if result["top1"] > best_top1:
                     best_top1 = result["top1"]
                     save_weights(run_dir / "best.safetensors", weights_model, metadata)
@@ -429,7 +430,8 @@ def _train(cfg: Config, run_dir: Path, data_root: Path | None, resume: bool, dev
         wall_seconds=round(time.perf_counter() - wall_start, 2),
         img_per_s=round(num_train * (step / max(spe, 1)) / max(train_seconds, 1e-9), 1),
         device=str(dev) if dev.type == "cuda" else f"cpu ({cpu_name()})", threads=torch.get_num_threads(),
-        torch=torch.__version__, git_commit=_git_commit(), skipped_images=skipped_total, seed=cfg.seed)
+        torch=torch.__version__, git_commit=_git_commit(), skipped_images=skipped_total, seed=cfg.seed,
+        nan_steps_skipped=sum(r.get("nan_steps", 0) for r in history))
     if rank0:
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         log.close()

@@ -4,6 +4,7 @@ the good checkpoint untouched; `on_nan=skip` skips every non-finite step and nev
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import torch
@@ -14,6 +15,7 @@ from cct.train.state import load_state
 from tests.helpers import TINY_RUN
 
 DIVERGE = ("train", "keras-example", *TINY_RUN, "--set", "epochs=2", "--set", "lr=1e30", "--resume")
+NAN_STEPS = 7  # the resumed epoch's 8 steps: the first blows the weights up, the other 7 are NaN
 
 
 def _tensors(obj) -> list[torch.Tensor]:
@@ -43,3 +45,5 @@ def test_nan_loss_skipped_never_reaches_a_checkpoint(one_epoch_run, data_root, t
     assert state["step"] == 16
     saved = _tensors(state) + list(load_file(run_dir / "last.safetensors").values())
     assert len(saved) > 100 and all(torch.isfinite(t).all() for t in saved if t.is_floating_point())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["nan_steps_skipped"] == NAN_STEPS, summary
