@@ -28,7 +28,7 @@ from timm.utils import ModelEmaV3
 from ..data.augment import BatchAugment, normalize
 from ..data.datasets import build_dataset, dataset_info, eval_transform, train_transform
 from ..data.loader import BatchSource, eval_batch_indices, steps_per_epoch, train_batch_indices
-from ..errors import CCTError
+from ..errors import CCTError, UsageError
 from ..models import create_model
 from ..models.checkpoint import model_metadata
 from ..models.complexity import count_params
@@ -315,6 +315,11 @@ def _train(cfg: Config, run_dir: Path, data_root: Path | None, resume: bool, dev
 
     info = dataset_info(cfg.dataset)
     img_size = cfg.img_size or info.img_size
+    largest_crop = info.img_size + 2 * cfg.padding
+    if info.in_memory and cfg.crop == "pad" and img_size > largest_crop:
+        raise UsageError(f"img_size {img_size} does not fit crop=pad on {info.name}: its {info.img_size} px images "
+                         f"padded by {cfg.padding} give crops of {largest_crop} px at most; use --set crop=resized "
+                         f"to train at {img_size} px")
     info, train_ds, eval_ds = _load_data(cfg, data_root, img_size)
     num_classes = len(train_ds.classes)
     mean, std = info.mean, info.std

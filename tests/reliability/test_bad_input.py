@@ -48,6 +48,7 @@ CASES = [  # (argv; {d}: the folder above, {data}: CIFAR-10's), exit code, a par
     (f"{TRAIN} --set lr=fast", 2, "recipe key 'lr' expects float, got 'fast'"),
     (f"{TRAIN} --set epochs=-1", 2, "epochs must be >= 0, got -1"),
     (f"{TRAIN} --set batch_size=0", 2, "batch_size must be >= 1, got 0"),
+    (f"{TRAIN} --set img_size=48", 2, "img_size 48 does not fit crop=pad on cifar10: its 32 px images padded by 4"),
     ("train {d}/wrong-type.yaml --out {d}/run", 2, "recipe key 'epochs' expects int, got 'three'"),
     ("train {d}/list.yaml --out {d}/run", 2, "must be a mapping of keys to values"),
     ("train {d}/broken.yaml --out {d}/run", 2, "is not valid YAML"),
