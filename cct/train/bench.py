@@ -1,7 +1,9 @@
 """`cct bench`: training and inference throughput of one model on this machine, against its matmul peak.
 
 The training step is the training loop's own (`Engine.step`: batched augmentation, autocast forward, loss,
-backward, optimiser step), on uint8 images that already live on the device, as in training.
+backward, optimiser step), on uint8 images that already live on the device, as in training. With `compile: true`
+the training step compiles as training does, and inference runs `compile_for_inference` (as `cct eval
+--compile`).
 Figures are medians over several timed windows after a warm-up: these machines are shared and noisy.
 
 Under torchrun (`cct bench --nproc-per-node N`, the default on a CPU when the recipe trains with `processes: N`)
@@ -23,7 +25,7 @@ from ..data.augment import normalize
 from ..models.complexity import count_macs
 from . import distributed as dist
 from .config import Config
-from .loop import Engine, autocast, cpu_name
+from .loop import Engine, autocast, compile_for_inference, cpu_name
 
 
 def window_seconds(run: Callable[[], None], windows: int, calls_per_window: int, warmup: int,
@@ -88,10 +90,12 @@ def run_bench(cfg: Config, device: torch.device, windows: int = 5, steps_per_win
     engine.model.eval()
     x = normalize(source, mean, std, channels_last=cfg.channels_last)
 
+    model = compile_for_inference(engine.model) if cfg.compile else engine.model
+
     @torch.no_grad()
     def infer() -> None:
         with autocast(device, cfg.precision):
-            engine.model(x)
+            model(x)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
