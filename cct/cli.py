@@ -380,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("bench", cmd_bench, "measure training/inference images/s and the fraction of the matmul peak",
             "  cct bench\n  cct bench --model cct_7_3x1_32 --batch-size 128 --precision bf16 --json\n"
             "  cct bench --nproc-per-node 1   # one process, every core\n"
+            "  cct bench --set compile=true    # compiled blocks for training, whole model (frozen) for inference\n"
             "  cct bench --set stochastic_depth=skip --set drop_path_rate=0.5")
     p.add_argument("--model", default="cct_2_3x2_32")
     p.add_argument("--batch-size", dest="batch_size", type=_at_least(1), default=128)
