@@ -74,7 +74,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     run_dir = Path(args.out) if args.out else Path("runs") / name
     if not args.resume and (run_dir / "last.state.pt").exists():
         raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, or --out another folder")
-    _device(args.device)
+    _device(args.device)  # a GPU that is not there: one line now, before any process starts
     nproc = args.nproc_per_node or (cfg.processes if _cpu_launch(args.device) else 1)
     if nproc > 1:
         _relaunch_with_torchrun(nproc, args.argv, share_cores=_cpu_launch(args.device))
@@ -170,14 +170,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
     cfg = load_config(args.recipe, args.set or [])
     device = _device(args.device)
     nproc = args.nproc_per_node or (cfg.processes if _cpu_launch(args.device) else 1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # the processes of a running torchrun job (this one among them)
+    if args.batch_size % max(nproc, world):
+        raise UsageError(f"--batch-size {args.batch_size} does not split over {max(nproc, world)} processes")
     if nproc > 1:
-        if args.batch_size % nproc:
-            raise UsageError(f"--batch-size {args.batch_size} does not split over {nproc} processes")
         _relaunch_with_torchrun(nproc, args.argv, share_cores=_cpu_launch(args.device))
         return
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.batch_size % world:
-        raise UsageError(f"--batch-size {args.batch_size} does not split over {world} processes")
     threads = args.threads or max(1, (os.cpu_count() or 1) // world)
     overrides = [f"model={args.model}", f"batch_size={args.batch_size // world}", f"threads={threads}"]
     overrides += [f"{key}={getattr(args, key)}" for key in ("precision", "img_size") if getattr(args, key) is not None]
