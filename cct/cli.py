@@ -74,10 +74,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     run_dir = Path(args.out) if args.out else Path("runs") / name
     if not args.resume and (run_dir / "last.state.pt").exists():
         raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, or --out another folder")
-    _device(args.device)  # a GPU that is not there: one line now, before any process starts
-    nproc = args.nproc_per_node or (cfg.processes if _cpu_launch(args.device) else 1)
+    cpu_launch = _cpu_launch(args.device)  # also refuses a GPU that is not there, before any process starts
+    nproc = args.nproc_per_node or (cfg.processes if cpu_launch else 1)
     if nproc > 1:
-        _relaunch_with_torchrun(nproc, args.argv, share_cores=_cpu_launch(args.device))
+        _relaunch_with_torchrun(nproc, args.argv, share_cores=cpu_launch)
         return
     summary = train(cfg, run_dir, data_root=_data_root(args.data_dir), resume=args.resume, device=args.device)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
@@ -100,10 +100,7 @@ def _device(name: str | None):
 def _cpu_launch(device: str | None) -> bool:
     """Whether a recipe's `processes` applies: a CPU run started by hand (not yet under torchrun). On GPUs the
     process count is one per GPU, chosen with --nproc-per-node."""
-    import torch
-
-    on_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
-    return on_cpu and "TORCHELASTIC_RUN_ID" not in os.environ
+    return _device(device).type == "cpu" and "TORCHELASTIC_RUN_ID" not in os.environ
 
 
 def _data_root(data_dir: str | None) -> Path:
@@ -168,13 +165,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
     # cores shared out over the processes), never the recipe's: the recipe gives the augmentation, the optimiser
     # and the process layout
     cfg = load_config(args.recipe, args.set or [])
-    device = _device(args.device)
-    nproc = args.nproc_per_node or (cfg.processes if _cpu_launch(args.device) else 1)
+    device, cpu_launch = _device(args.device), _cpu_launch(args.device)
+    nproc = args.nproc_per_node or (cfg.processes if cpu_launch else 1)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # the processes of a running torchrun job (this one among them)
     if args.batch_size % max(nproc, world):
         raise UsageError(f"--batch-size {args.batch_size} does not split over {max(nproc, world)} processes")
     if nproc > 1:
-        _relaunch_with_torchrun(nproc, args.argv, share_cores=_cpu_launch(args.device))
+        _relaunch_with_torchrun(nproc, args.argv, share_cores=cpu_launch)
         return
     threads = args.threads or max(1, (os.cpu_count() or 1) // world)
     overrides = [f"model={args.model}", f"batch_size={args.batch_size // world}", f"threads={threads}"]
