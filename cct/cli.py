@@ -67,6 +67,7 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Train a recipe into a run directory (or resume the run there)."""
+    from .data.datasets import dataset_info, ensure_dataset
     from .train import load_config, train
 
     cfg = load_config(args.recipe, args.set or [])
@@ -75,11 +76,19 @@ def cmd_train(args: argparse.Namespace) -> None:
     if not args.resume and (run_dir / "last.state.pt").exists():
         raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, or --out another folder")
     cpu_launch = _cpu_launch(args.device)  # also refuses a GPU that is not there, before any process starts
+    data_root = _data_root(args.data_dir)
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # the launching process: once, before any worker starts
+        ensure_dataset(cfg.dataset, ("train", dataset_info(cfg.dataset).eval_split), data_root,
+                       download=args.download)
+    elif args.download:  # every process of a torchrun started by hand would download at once
+        raise UsageError("--download under torchrun: let `cct train --nproc-per-node N` start the processes (it "
+                         "downloads once, before them), or download the dataset first")
     nproc = args.nproc_per_node or (cfg.processes if cpu_launch else 1)
     if nproc > 1:
-        _relaunch_with_torchrun(nproc, args.argv, share_cores=cpu_launch)
+        _relaunch_with_torchrun(nproc, args.argv, share_cores=cpu_launch,
+                                on_failure=_resume_hint(run_dir))
         return
-    summary = train(cfg, run_dir, data_root=_data_root(args.data_dir), resume=args.resume, device=args.device)
+    summary = train(cfg, run_dir, data_root=data_root, resume=args.resume, device=args.device)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return
     print(f"done: {summary['model']} on {summary['dataset']}: final top-1 {summary['final_top1']:.2f}% "
@@ -109,10 +118,17 @@ def _data_root(data_dir: str | None) -> Path:
     return resolve_data_root(data_dir)
 
 
-def _relaunch_with_torchrun(nproc: int, argv: list[str], share_cores: bool) -> None:
+def _resume_hint(run_dir: Path) -> Callable[[], str]:
+    """What to add when a training worker failed: how to go on, once the run has saved a checkpoint."""
+    return lambda: (": the last checkpoint is kept, run the same command with --resume to continue"
+                    if (run_dir / "last.state.pt").exists() else "")
+
+
+def _relaunch_with_torchrun(nproc: int, argv: list[str], share_cores: bool,
+                            on_failure: Callable[[], str] = lambda: "") -> None:
     """`cct train --nproc-per-node N ...`: run the same command under torchrun on this machine (the launcher
     runs in this process, like `python -m torch.distributed.run --standalone`, so that a failed worker becomes
-    one line here instead of torchrun's report)."""
+    one line here instead of torchrun's report, ending with `on_failure()`)."""
     import logging
 
     from torch.distributed.elastic.multiprocessing import SignalException
@@ -128,7 +144,7 @@ def _relaunch_with_torchrun(nproc: int, argv: list[str], share_cores: bool) -> N
             skip = False
         elif arg == "--nproc-per-node":
             skip = True
-        elif not arg.startswith("--nproc-per-node="):
+        elif not arg.startswith("--nproc-per-node=") and arg != "--download":  # the launcher downloaded already
             cleaned.append(arg)
     # intra-op threads per process: on a CPU the cores shared out over the processes (1 each on 2 cores; an 8-core
     # laptop running `processes: 2` gets 4 each instead of leaving 6 cores idle), elsewhere torchrun's default of 1
@@ -145,8 +161,8 @@ def _relaunch_with_torchrun(nproc: int, argv: list[str], share_cores: bool) -> N
         first, _ = e.get_first_failure()
         how = [f"rank {r} {'killed by ' + f.signal_name() if f.exitcode < 0 else f'exited with code {f.exitcode}'}"
                for r, f in sorted(e.failures.items(), key=lambda item: item[0] != first)]
-        raise CCTError(f"a worker failed ({', '.join(how)}; the first is the cause, torchrun stops the others): "
-                       "the last checkpoint is kept, run the same command with --resume to continue") from None
+        raise CCTError(f"a worker failed ({', '.join(how)}; the first is the cause, torchrun stops the others)"
+                       f"{on_failure()}") from None
     except SignalException as e:
         raise KeyboardInterrupt from e
     finally:
@@ -164,7 +180,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     # the model, batch and threads of the command line (defaults: the speed targets' cct_2_3x2_32, batch 128, the
     # cores shared out over the processes), never the recipe's: the recipe gives the augmentation, the optimiser
     # and the process layout
-    cfg = load_config(args.recipe, args.set or [])
+    overrides = [*(args.set or []), f"model={args.model}"]
+    overrides += [f"{key}={getattr(args, key)}" for key in ("precision", "img_size") if getattr(args, key) is not None]
+    cfg = load_config(args.recipe, overrides)  # checked here, before any worker starts
     device, cpu_launch = _device(args.device), _cpu_launch(args.device)
     nproc = args.nproc_per_node or (cfg.processes if cpu_launch else 1)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # the processes of a running torchrun job (this one among them)
@@ -174,9 +192,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         _relaunch_with_torchrun(nproc, args.argv, share_cores=cpu_launch)
         return
     threads = args.threads or max(1, (os.cpu_count() or 1) // world)
-    overrides = [f"model={args.model}", f"batch_size={args.batch_size // world}", f"threads={threads}"]
-    overrides += [f"{key}={getattr(args, key)}" for key in ("precision", "img_size") if getattr(args, key) is not None]
-    cfg = load_config(args.recipe, [*(args.set or []), *overrides])
+    cfg = load_config(args.recipe, [*overrides, f"batch_size={args.batch_size // world}", f"threads={threads}"])
     torch.set_num_threads(cfg.threads)
     dist.setup(args.device)
     if device.type == "cuda" and world > 1:
@@ -224,8 +240,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if not dataset:
         raise UsageError("the checkpoint does not name its dataset: pass --dataset NAME")
     info = dataset_info(dataset)
-    split = "test" if "test" in info.splits and info.name != "folder" else "val"
-    data = build_dataset(dataset, split, root=_data_root(args.data_dir))
+    split = info.eval_split
+    data = build_dataset(dataset, split, root=_data_root(args.data_dir), download=args.download)
     if len(data.classes) != model.num_classes:
         raise CCTError(f"{dataset} has {len(data.classes)} classes but the model predicts {model.num_classes}")
     if not info.in_memory:
@@ -365,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  cct train keras-example --nproc-per-node 2   # torchrun on this machine")
     p.add_argument("recipe", help="bundled recipe name (see `cct recipes`) or path to a YAML file")
     p.add_argument("--data-dir", help="folder holding the datasets (default: $CCT_DATA, then ./data)")
+    p.add_argument("--download", action="store_true",
+                   help="download the dataset into the data folder first if it is missing (CIFAR, Flowers-102)")
     p.add_argument("--out", help="run directory (default: runs/RECIPE)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in the run directory")
@@ -404,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", metavar="TAG", help="use the shipped weights of --model, e.g. cifar10")
     p.add_argument("--dataset", help="dataset name (default: the one the model was trained on)")
     p.add_argument("--data-dir", help="folder holding the datasets (default: $CCT_DATA, then ./data)")
+    p.add_argument("--download", action="store_true",
+                   help="download the dataset into the data folder first if it is missing (CIFAR, Flowers-102)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="bf16",
                    help="autocast precision (default bf16, as training evaluates)")
     p.add_argument("--batch-size", type=_at_least(1), default=500)

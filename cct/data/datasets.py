@@ -50,6 +50,7 @@ __all__ = [
     "collate_skip_bad",
     "dataset_info",
     "decode_image_file",
+    "ensure_dataset",
     "eval_transform",
     "resolve_data_root",
     "train_transform",
@@ -90,6 +91,12 @@ class DatasetInfo:
     std: tuple[float, float, float]
     in_memory: bool
     splits: tuple[str, ...]
+
+    @property
+    def eval_split(self) -> str:
+        """The split that training and `cct eval` evaluate on: the test split, or "val" where there is none
+        (a folder's held-out part)."""
+        return "test" if "test" in self.splits and self.name != "folder" else "val"
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -287,8 +294,8 @@ def _load_pickle(path: Path, title: str) -> dict[bytes, Any]:
     return obj
 
 
-def _load_cifar(key: str, split: str, root: Path, download: bool) -> InMemoryImages:
-    spec = _CIFAR[key]
+def _cifar_present(spec: dict[str, Any], root: Path, download: bool) -> Path:
+    """The folder holding every file of a CIFAR dataset (downloaded first if files are missing and `download`)."""
     folder = _cifar_folder(spec, root)
     if _cifar_missing(spec, folder) and download:
         _download_cifar(spec, root)
@@ -300,6 +307,12 @@ def _load_cifar(key: str, split: str, root: Path, download: bool) -> InMemoryIma
             f"(missing: {', '.join(missing)}); "
             f"download {spec['url']} and extract it into {folder.parent}, or pass --download"
         )
+    return folder
+
+
+def _load_cifar(key: str, split: str, root: Path, download: bool) -> InMemoryImages:
+    spec = _CIFAR[key]
+    folder = _cifar_present(spec, root, download)
     title = spec["title"]
     meta = _load_pickle(folder / spec["meta"], title)
     classes = [c.decode("utf-8") if isinstance(c, bytes) else str(c) for c in meta.get(spec["names_key"], [])]
@@ -764,9 +777,8 @@ def _load_mat(path: Path) -> dict[str, Any]:
                        f"download it again") from exc
 
 
-def _load_flowers(split: str, root: Path, download: bool, flowers_split: str, seed: int,
-                  strict_images: bool) -> ImageFiles:
-    """Oxford Flowers-102 in torchvision's layout; see :func:`build_dataset` for the two split schemes."""
+def _flowers_present(root: Path, download: bool) -> Path:
+    """The Flowers-102 folder with its images and both .mat files (downloaded first if missing and `download`)."""
     base = root / "flowers-102"  # torchvision.datasets.Flowers102 uses this folder name too
 
     def missing() -> list[str]:
@@ -789,6 +801,13 @@ def _load_flowers(split: str, root: Path, download: bool, flowers_split: str, se
             f"(missing: {', '.join(missing())}); download 102flowers.tgz (extract it there), imagelabels.mat "
             f"and setid.mat from {_FLOWERS_URL} into {base}, or pass --download"
         )
+    return base
+
+
+def _load_flowers(split: str, root: Path, download: bool, flowers_split: str, seed: int,
+                  strict_images: bool) -> ImageFiles:
+    """Oxford Flowers-102 in torchvision's layout; see :func:`build_dataset` for the two split schemes."""
+    base = _flowers_present(root, download)
     labels_all = np.asarray(_load_mat(base / "imagelabels.mat").get("labels"), dtype=np.int64).reshape(-1) - 1
     if labels_all.size == 0 or labels_all.min() < 0 or labels_all.max() >= 102:
         raise CCTError(f"Flowers-102 file {base / 'imagelabels.mat'} holds no valid labels 1..102")
@@ -824,7 +843,8 @@ def _imagenet_names() -> dict[str, str]:
         return {}
 
 
-def _load_imagenet(split: str, root: Path, strict_images: bool) -> ImageFiles:
+def _imagenet_present(split: str, root: Path) -> Path:
+    """The folder of an ImageNet split (ImageNet cannot be downloaded automatically)."""
     base = root / "imagenet"
     folder = base / split
     if not folder.is_dir():
@@ -833,6 +853,12 @@ def _load_imagenet(split: str, root: Path, strict_images: bool) -> ImageFiles:
             f"cannot be downloaded automatically: get ILSVRC-2012 from https://image-net.org, extract it "
             f"there and put the val images into one folder per class"
         )
+    return folder
+
+
+def _load_imagenet(split: str, root: Path, strict_images: bool) -> ImageFiles:
+    folder = _imagenet_present(split, root)
+    base = folder.parent
     class_src = base / "train" if (base / "train").is_dir() else folder
     class_ids = _list_class_dirs(class_src)
     if not class_ids:
@@ -848,10 +874,14 @@ def _load_imagenet(split: str, root: Path, strict_images: bool) -> ImageFiles:
                       name="imagenet", split=split)
 
 
-def _load_folder(path: Path, split: str, val_fraction: float, seed: int, strict_images: bool) -> ImageFiles:
-    """An ImageFolder-style tree; see :func:`build_dataset`."""
+def _folder_present(path: Path) -> None:
     if not path.is_dir():
         raise CCTError(f"image folder not found: {path} (expected {path}/<class>/<image files>)")
+
+
+def _load_folder(path: Path, split: str, val_fraction: float, seed: int, strict_images: bool) -> ImageFiles:
+    """An ImageFolder-style tree; see :func:`build_dataset`."""
+    _folder_present(path)
     subdirs = set(_list_class_dirs(path))
     split_layout = "train" in subdirs and subdirs <= {"train", "val", "test"}
     name = f"folder:{path}"
@@ -887,6 +917,27 @@ def _load_folder(path: Path, split: str, val_fraction: float, seed: int, strict_
 
 
 # ------------------------------------------------------------------------------------------- entry
+
+
+def ensure_dataset(name: str, splits: Sequence[str], root: str | os.PathLike[str] | None = None, *,
+                   download: bool = False) -> None:
+    """Check that the files of dataset ``name`` for ``splits`` are where :func:`build_dataset` looks, without
+    reading them, downloading them first where that is possible and ``download`` is set. The same one-line
+    errors as :func:`build_dataset`, early: `cct train` calls it before it starts its training processes, so a
+    missing dataset is one message rather than one per process, and one download rather than a race."""
+    key, folder_path = _parse_name(name)
+    checked = [_check_split(key, split) for split in splits]
+    data_root = resolve_data_root(root)
+    if key in _CIFAR:
+        _cifar_present(_CIFAR[key], data_root, download)
+    elif key == "flowers102":
+        _flowers_present(data_root, download)
+    elif key == "imagenet":
+        for split in checked:
+            _imagenet_present(split, data_root)
+    else:
+        assert folder_path is not None
+        _folder_present(folder_path)
 
 
 def build_dataset(name: str, split: str, root: str | os.PathLike[str] | None = None, *,

@@ -18,7 +18,9 @@ from typing import Any
 
 import yaml
 
+from ..data.datasets import dataset_info
 from ..errors import UsageError
+from ..models.factory import check_model_name
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("adamw", "sgd"),
@@ -164,6 +166,13 @@ def _validate(cfg: Config) -> Config:
                    else "in [0, 1]" if key in _PROBABILITIES and not 0 <= value <= 1 else None)
         if problem:
             raise UsageError(f"{key} must be {problem}, got {value}")
+    check_model_name(cfg.model)
+    info = dataset_info(cfg.dataset)  # an unknown name is refused here too
+    img_size, largest_crop = cfg.img_size or info.img_size, info.img_size + 2 * cfg.padding
+    if info.in_memory and cfg.crop == "pad" and img_size > largest_crop:
+        raise UsageError(f"img_size {img_size} does not fit crop=pad on {info.name}: its {info.img_size} px images "
+                         f"padded by {cfg.padding} give crops of {largest_crop} px at most; use --set crop=resized "
+                         f"to train at {img_size} px")
     scale = cfg.scale
     if len(scale) != 2 or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in scale) \
             or not 0 < scale[0] <= scale[1] <= 1:

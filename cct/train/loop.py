@@ -28,7 +28,7 @@ from timm.utils import ModelEmaV3
 from ..data.augment import BatchAugment, normalize
 from ..data.datasets import build_dataset, dataset_info, eval_transform, train_transform
 from ..data.loader import BatchSource, eval_batch_indices, steps_per_epoch, train_batch_indices
-from ..errors import CCTError, UsageError
+from ..errors import CCTError
 from ..models import create_model
 from ..models.checkpoint import model_metadata
 from ..models.complexity import count_params
@@ -292,8 +292,7 @@ def _load_data(cfg: Config, data_root: Path | None, img_size: int):
     kwargs = dict(root=data_root, flowers_split=cfg.flowers_split, val_fraction=cfg.val_fraction, seed=cfg.seed,
                   strict_images=cfg.strict_images)
     train_ds = build_dataset(cfg.dataset, "train", **kwargs)
-    eval_split = "test" if "test" in info.splits and info.name != "folder" else "val"
-    eval_ds = build_dataset(cfg.dataset, eval_split, **kwargs)
+    eval_ds = build_dataset(cfg.dataset, info.eval_split, **kwargs)
     if not info.in_memory:
         train_ds.transform = train_transform(img_size, scale=tuple(cfg.scale))
         eval_ds.transform = eval_transform(img_size)
@@ -324,13 +323,7 @@ def _train(cfg: Config, run_dir: Path, data_root: Path | None, resume: bool, dev
         raise CCTError(f"{run_dir} was trained with {state.get('processes', 1)} process(es): resume it with as many "
                        f"(this job has {dist.world_size()})")
 
-    info = dataset_info(cfg.dataset)
-    img_size = cfg.img_size or info.img_size
-    largest_crop = info.img_size + 2 * cfg.padding
-    if info.in_memory and cfg.crop == "pad" and img_size > largest_crop:
-        raise UsageError(f"img_size {img_size} does not fit crop=pad on {info.name}: its {info.img_size} px images "
-                         f"padded by {cfg.padding} give crops of {largest_crop} px at most; use --set crop=resized "
-                         f"to train at {img_size} px")
+    img_size = cfg.img_size or dataset_info(cfg.dataset).img_size
     info, train_ds, eval_ds = _load_data(cfg, data_root, img_size)
     num_classes = len(train_ds.classes)
     mean, std = info.mean, info.std

@@ -25,6 +25,7 @@ from cct.data.datasets import (
     InMemoryImages,
     build_dataset,
     collate_skip_bad,
+    ensure_dataset,
     eval_transform,
     resolve_data_root,
     train_transform,
@@ -202,6 +203,20 @@ def test_corrupt_cifar_pickle(tmp_path: Path) -> None:
         build_dataset("cifar100", "train", tmp_path)
 
 
+def fake_cifar100_download(url: str, download_root: str, **kwargs: object) -> None:
+    """Stands in for torchvision's downloader of the real archive: a tiny CIFAR-100 in the original pickle
+    format (train 6 images, test 4)."""
+    folder = Path(download_root) / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 6), ("test", 4)):
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": data, b"fine_labels": list(range(n)), b"coarse_labels": [0] * n}, f, protocol=2)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [f"c{i}".encode() for i in range(100)]}, f, protocol=2)
+
+
 def test_download_failure_and_success(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torchvision.datasets.utils as tvu
 
@@ -213,23 +228,33 @@ def test_download_failure_and_success(tmp_path: Path, monkeypatch: pytest.Monkey
         build_dataset("cifar100", "train", tmp_path, download=True)
     assert "\n" not in str(err.value) and "could not download CIFAR-100" in str(err.value)
 
-    def fake_download(url: str, download_root: str, **kwargs: object) -> None:
-        # Stands in for the real archive: a tiny CIFAR-100 in the original pickle format.
-        folder = Path(download_root) / "cifar-100-python"
-        folder.mkdir(parents=True)
-        rng = np.random.default_rng(0)
-        for name, n in (("train", 6), ("test", 4)):
-            data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-            with open(folder / name, "wb") as f:
-                pickle.dump({b"data": data, b"fine_labels": list(range(n)), b"coarse_labels": [0] * n}, f,
-                            protocol=2)
-        with open(folder / "meta", "wb") as f:
-            pickle.dump({b"fine_label_names": [f"c{i}".encode() for i in range(100)]}, f, protocol=2)
-
-    monkeypatch.setattr(tvu, "download_and_extract_archive", fake_download)
+    monkeypatch.setattr(tvu, "download_and_extract_archive", fake_cifar100_download)
     ds = build_dataset("cifar100", "train", tmp_path / "new", download=True)
     assert ds.images.shape == (6, 3, 32, 32) and ds.labels.tolist() == list(range(6))
     assert ds.classes[:2] == ["c0", "c1"] and len(ds.classes) == 100
+
+
+def test_ensure_dataset_checks_the_files_without_reading_them(tmp_path: Path, data_root: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    ensure_dataset("cifar10", ("train", "test"), data_root)  # the real CIFAR-10: present, nothing raised
+    with pytest.raises(CCTError) as early:
+        ensure_dataset("cifar10", ("train", "test"), tmp_path)
+    with pytest.raises(CCTError) as late:
+        build_dataset("cifar10", "train", tmp_path)
+    assert str(early.value) == str(late.value)  # the same one line, before any reading
+    (tmp_path / "imagenet" / "train").mkdir(parents=True)
+    ensure_dataset("imagenet", ("train",), tmp_path)
+    with pytest.raises(CCTError, match=r"ImageNet not found: .*\(missing: .*imagenet/val\)"):
+        ensure_dataset("imagenet", ("train", "val"), tmp_path)
+    with pytest.raises(UsageError, match="unknown split 'tset'"):
+        ensure_dataset("cifar10", ("tset",), data_root)
+    with pytest.raises(CCTError, match="image folder not found"):
+        ensure_dataset(f"folder:{tmp_path / 'none'}", ("train", "val"), tmp_path)
+    import torchvision.datasets.utils as tvu
+
+    monkeypatch.setattr(tvu, "download_and_extract_archive", fake_cifar100_download)
+    ensure_dataset("cifar100", ("train", "test"), tmp_path / "new", download=True)
+    assert build_dataset("cifar100", "test", tmp_path / "new").images.shape == (4, 3, 32, 32)
 
 
 def test_wrong_name_or_split_lists_valid_ones(tmp_path: Path) -> None:

@@ -71,14 +71,33 @@ CASES = [  # (argv; {d}: the folder above, {data}: CIFAR-10's), exit code, a par
     ("eval {d}/c10.safetensors --model cct_7_3x1_32 --data-dir {data}", 1, "does not fit cct_7_3x1_32: missing"),
     ("bench --batch-size 15 --nproc-per-node 2", 2, "--batch-size 15 does not split over 2 processes"),
 ]
+IN_THE_LAUNCHER = [  # cifar10-fast and `cct bench` start 2 processes
+    ("train cifar10-fast --out {d}/fast --set model=cct_nope", 2, "unknown model 'cct_nope'"),
+    ("train cifar10-fast --out {d}/fast --data-dir {d}/empty-dir", 1, "cifar-10-batches-py"),
+    ("train cifar10-fast --out {d}/fast --set img_size=48", 2, "img_size 48 does not fit crop=pad"),
+    ("bench --model cct_nope", 2, "unknown model 'cct_nope'"),
+    ("bench --img-size 48", 2, "img_size 48 does not fit crop=pad"),
+]
 NO_GPU = [f"{TRAIN} --device cuda", "bench --device cuda", "eval {d}/c10.safetensors --device cuda"]
+
+
+def _fails_in_one_line(argv: str, code: int, message: str, files: Path, data_root: Path, capsys) -> None:
+    assert main(argv.format(d=files, data=data_root).split()) == code
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
 
 @pytest.mark.parametrize("argv, code, message", CASES, ids=[c[0].split("{d}/")[-1][:60] for c in CASES])
 def test_bad_input_is_one_line_and_an_exit_code(argv, code, message, files, data_root, capsys):
-    assert main(argv.format(d=files, data=data_root).split()) == code
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    _fails_in_one_line(argv, code, message, files, data_root, capsys)
+
+
+@pytest.mark.parametrize("argv, code, message", IN_THE_LAUNCHER, ids=[c[0][:60] for c in IN_THE_LAUNCHER])
+def test_a_multi_process_command_stops_before_its_workers_start(argv, code, message, files, data_root, capsys):
+    """Checked in the launching process: one line, not one per worker and then torchrun's, and no run directory.
+    Were the workers started, their lines would not reach capsys and the launcher's would not match."""
+    _fails_in_one_line(argv, code, message, files, data_root, capsys)
+    assert not (files / "fast").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")

@@ -19,7 +19,7 @@ from cct.errors import UsageError
 from cct.train import bundled_recipes, load_config
 from cct.train.config import Config
 from cct.train.loop import learning_rate
-from tests.data.test_datasets import _flowers_tree
+from tests.data.test_datasets import _flowers_tree, fake_cifar100_download
 from tests.helpers import cct_process, metrics_without_timing, run_cct, state_step
 
 SUMMARY_KEYS = {"model", "params", "dataset", "epochs", "best_top1", "final_top1", "final_top5", "train_seconds",
@@ -195,6 +195,28 @@ def test_unknown_recipe_and_cli_exit_codes(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_train_and_eval_download_a_missing_dataset(tmp_path, monkeypatch, capsys):
+    """`--download` fetches a missing dataset into the data folder before training (in the launching process)
+    and before evaluating; without it the same command stops with the one-line "not found"."""
+    import torchvision.datasets.utils as tvu
+
+    monkeypatch.setattr(tvu, "download_and_extract_archive", fake_cifar100_download)
+    data, run = tmp_path / "data", tmp_path / "run"
+    argv = ["train", "keras-example", "--set", "dataset=cifar100", "--set", "epochs=0", "--data-dir", str(data),
+            "--out", str(run)]
+    assert main(argv) == 1 and "CIFAR-100 not found" in capsys.readouterr().err
+    assert main([*argv, "--download"]) == 0
+    assert (data / "cifar-100-python" / "meta").is_file()
+    assert json.loads((run / "summary.json").read_text())["dataset"] == "cifar100"
+    capsys.readouterr()
+    other = tmp_path / "other-data"
+    assert main(["eval", str(run), "--data-dir", str(other), "--download", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 4  # the fake test split
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "by-hand")  # a torchrun the user started: each process would fetch
+    assert main([*argv, "--out", str(tmp_path / "run2"), "--download"]) == 2
+    assert "--download under torchrun" in capsys.readouterr().err
 
 
 def test_learning_rate_schedule():
