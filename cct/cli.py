@@ -335,7 +335,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     """Export a trained model to ONNX (dynamic batch), safetensors or TorchScript."""
     from .models.export import export_model
 
-    out = export_model(args.checkpoint, args.format, Path(args.output), model_name=args.model)
+    out = export_model(_weights_source(args), args.format, Path(args.output), model_name=args.model)
     print(f"wrote {out}")
 
 
@@ -448,11 +448,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("export", cmd_export, "export a trained model to ONNX, safetensors, TorchScript or a Hub folder",
             "  cct export runs/keras-example --format onnx -o cct2.onnx\n"
             "  cct export runs/keras-example --format torchscript -o cct2.pt\n"
-            "  cct export runs/keras-example --format hub -o hub/cct2-cifar10")
-    p.add_argument("checkpoint", help="a .safetensors weights file or a run directory")
+            "  cct export runs/keras-example --format hub -o hub/cct2-cifar10\n"
+            "  cct export --model cct_2_3x2_32 --pretrained cifar10 --format onnx -o cct2.onnx")
+    p.add_argument("checkpoint", nargs="?", help="a .safetensors weights file or a run directory")
     p.add_argument("--format", required=True, choices=("onnx", "safetensors", "torchscript", "hub"))
     p.add_argument("-o", "--output", required=True, help="output file (a new folder for --format hub)")
     p.add_argument("--model", help="architecture name, for files that do not record it")
+    p.add_argument("--pretrained", metavar="TAG", help="export the shipped weights of --model, e.g. cifar10")
 
     p = add("push", cmd_push, "upload a trained model to the Hugging Face Hub (needs a network and a token)",
             "  cct push runs/keras-example me/cct2-cifar10\n  cct push hub/cct2-cifar10 me/cct2-cifar10")

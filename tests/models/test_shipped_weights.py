@@ -34,3 +34,16 @@ def test_shipped_weights_reproduce_their_record(key, data_root, capsys):
 def test_default_pretrained_is_the_keras_example_model():
     model = timm.create_model("cct_2_3x2_32", pretrained=True)
     assert model.pretrained_cfg["tag"] == "cifar10_keras"
+
+
+def test_shipped_weights_export_like_a_checkpoint(tmp_path, capsys):
+    """`cct export --model M --pretrained TAG` takes the shipped weights, as `cct eval` and `cct predict` do."""
+    out = tmp_path / "keras.safetensors"
+    assert main(["export", "--model", "cct_2_3x2_32", "--pretrained", "cifar10", "--format", "safetensors",
+                 "-o", str(out)]) == 0
+    exported, _ = load_trained(out)
+    shipped = timm.create_model("cct_2_3x2_32", pretrained=True)
+    assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), shipped.state_dict().values(),
+                                                 strict=True))
+    assert main(["export", "--format", "onnx", "-o", str(tmp_path / "x.onnx")]) == 2
+    assert "give a CHECKPOINT, or --model NAME --pretrained TAG" in capsys.readouterr().err
