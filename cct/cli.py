@@ -76,6 +76,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if not args.resume and (run_dir / "last.state.pt").exists():
         raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, or --out another folder")
     cpu_launch = _cpu_launch(args.device)  # also refuses a GPU that is not there, before any process starts
+    args.interrupt_hint = _resume_hint(run_dir)
     data_root = _data_root(args.data_dir)
     if "TORCHELASTIC_RUN_ID" not in os.environ:  # the launching process: once, before any worker starts
         ensure_dataset(cfg.dataset, ("train", dataset_info(cfg.dataset).eval_split), data_root,
@@ -85,8 +86,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                          "downloads once, before them), or download the dataset first")
     nproc = args.nproc_per_node or (cfg.processes if cpu_launch else 1)
     if nproc > 1:
-        _relaunch_with_torchrun(nproc, args.argv, share_cores=cpu_launch,
-                                on_failure=_resume_hint(run_dir))
+        _relaunch_with_torchrun(nproc, args.argv, share_cores=cpu_launch, on_failure=args.interrupt_hint)
         return
     summary = train(cfg, run_dir, data_root=data_root, resume=args.resume, device=args.device)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
@@ -116,6 +116,9 @@ def _data_root(data_dir: str | None) -> Path:
     from .data.datasets import resolve_data_root
 
     return resolve_data_root(data_dir)
+
+
+_STARTED_BY_CCT = "CCT_TORCHRUN_WORKER"  # set for the workers of a torchrun that `cct` starts itself
 
 
 def _resume_hint(run_dir: Path) -> Callable[[], str]:
@@ -152,9 +155,14 @@ def _relaunch_with_torchrun(nproc: int, argv: list[str], share_cores: bool,
     # `--set threads=K` or OMP_NUM_THREADS choose otherwise.
     threads = max(1, (os.cpu_count() or 1) // nproc) if share_cores else 1
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    elastic_log = logging.getLogger("torch.distributed.elastic")
-    level = elastic_log.level
-    elastic_log.setLevel(logging.CRITICAL)  # its "sending SIGTERM" / "failed" lines: the error below says it
+    os.environ[_STARTED_BY_CCT] = "1"  # its workers leave the "interrupted" line to this process
+    # torchrun's "sending SIGTERM", "failed" and "Received 2 death signal" lines: the one line below says it (its
+    # modules' loggers carry their own levels, so each one is silenced, not only their parent)
+    elastic_logs = [logging.getLogger(name) for name in ["torch.distributed.elastic", *logging.root.manager.loggerDict]
+                    if name.startswith("torch.distributed.elastic")]
+    levels = [log.level for log in elastic_logs]
+    for log in elastic_logs:
+        log.setLevel(logging.CRITICAL)
     try:
         run(parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "cct", *cleaned]))
     except ChildFailedError as e:
@@ -166,7 +174,8 @@ def _relaunch_with_torchrun(nproc: int, argv: list[str], share_cores: bool,
     except SignalException as e:
         raise KeyboardInterrupt from e
     finally:
-        elastic_log.setLevel(level)
+        for log, level in zip(elastic_logs, levels, strict=True):
+            log.setLevel(level)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -470,13 +479,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    args = None
     try:
         args = build_parser().parse_args(argv)
         args.argv = argv  # for `cct train` to restart itself under torchrun
         args.func(args)
         return 0
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if not (os.environ.get(_STARTED_BY_CCT) and "TORCHELASTIC_RUN_ID" in os.environ):  # not our worker
+            print(f"interrupted{getattr(args, 'interrupt_hint', lambda: '')()}", file=sys.stderr)
         return 130
     except CCTError as e:
         if debug:

@@ -149,6 +149,32 @@ def test_killed_worker_fails_the_job_with_one_line_and_resume_finishes_it(tmp_pa
     assert len(metrics) == 2 and metrics[1].startswith("3,24,")
 
 
+def test_ctrl_c_stops_every_process_with_one_line(tmp_path):
+    """Ctrl-C in a terminal signals the launcher and its workers together (one process group): one line comes
+    back, not one per process nor torchrun's own warning, and it says that the checkpoint can be resumed."""
+    out = tmp_path / "run"
+    env = dict(os.environ, CCT_DATA=DATA, OMP_NUM_THREADS="1")
+    job = subprocess.Popen([sys.executable, "-m", "cct", "train", "keras-example", *TINY, "--set", "epochs=3",
+                            "--set", "batch_size=32", "--set", "checkpoint_every_steps=2", "--out", str(out),
+                            "--nproc-per-node", "2"], env=env, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "last.state.pt").exists():
+            assert job.poll() is None, job.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.killpg(job.pid, signal.SIGINT)
+        _, stderr = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 130, stderr
+    assert [line for line in stderr.splitlines() if "interrupted" in line or "signal" in line] == [
+        "interrupted: the last checkpoint is kept, run the same command with --resume to continue"], stderr
+    assert "Traceback" not in stderr
+
+
 def test_recipe_processes_writes_one_run_directory_like_a_single_process(tmp_path):
     """A recipe's `processes: 2` starts torchrun like --nproc-per-node 2 (the kill test above uses the flag)."""
     one = _cct("keras-example", *TINY, "--set", "epochs=1", "--out", str(tmp_path / "one"))
