@@ -310,6 +310,20 @@ def train(cfg: Config, run_dir: Path, data_root: Path | None = None, resume: boo
         return _train(cfg, run_dir, data_root, resume, device)
 
 
+# What the saved weights and optimiser state are shaped by: a resumed run must keep them.
+_FIXED_ON_RESUME = ("model", "dataset", "img_size", "optimizer")
+
+
+def check_resumable(cfg: Config, saved: dict[str, Any], run_dir: Path) -> None:
+    """Refuse, in one line, to resume a run with a recipe whose weights or optimiser state do not fit its saved
+    state (loading them would fail with a wall of missing keys). `saved`: the configuration the run recorded."""
+    changed = [f"{key} {getattr(cfg, key)} (was {saved[key]})" for key in _FIXED_ON_RESUME
+               if key in saved and saved[key] != getattr(cfg, key)]
+    if changed:
+        raise CCTError(f"cannot resume {run_dir} with another {', '.join(changed)}: resume with the values it "
+                       "was trained with, or train into another --out folder")
+
+
 def _train(cfg: Config, run_dir: Path, data_root: Path | None, resume: bool, device: str | None) -> dict[str, Any]:
     wall_start = time.perf_counter()
     rank0 = dist.rank() == 0
@@ -322,6 +336,8 @@ def _train(cfg: Config, run_dir: Path, data_root: Path | None, resume: bool, dev
     if state is not None and state.get("processes", 1) != dist.world_size():  # steps count global batches
         raise CCTError(f"{run_dir} was trained with {state.get('processes', 1)} process(es): resume it with as many "
                        f"(this job has {dist.world_size()})")
+    if state is not None:
+        check_resumable(cfg, state.get("config", {}), run_dir)
 
     img_size = cfg.img_size or dataset_info(cfg.dataset).img_size
     info, train_ds, eval_ds = _load_data(cfg, data_root, img_size)

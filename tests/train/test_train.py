@@ -15,8 +15,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from cct.cli import main
-from cct.errors import UsageError
-from cct.train import bundled_recipes, load_config
+from cct.errors import CCTError, UsageError
+from cct.train import bundled_recipes, load_config, train
 from cct.train.config import Config
 from cct.train.loop import learning_rate
 from tests.data.test_datasets import _flowers_tree, fake_cifar100_download
@@ -217,6 +217,24 @@ def test_train_and_eval_download_a_missing_dataset(tmp_path, monkeypatch, capsys
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "by-hand")  # a torchrun the user started: each process would fetch
     assert main([*argv, "--out", str(tmp_path / "run2"), "--download"]) == 2
     assert "--download under torchrun" in capsys.readouterr().err
+
+
+def test_resume_with_another_model_or_optimizer_is_one_line_and_keeps_the_run(data_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train", "keras-example", "--set", "epochs=1", "--set", "train_samples=256", "--set",
+            "eval_batch_size=2000", "--data-dir", str(data_root), "--out", str(run)]
+    assert main(argv) == 0
+    saved = (run / "last.state.pt").read_bytes()
+    capsys.readouterr()
+    for change, message in (("model=cct_4_3x2_32", "another model cct_4_3x2_32 (was cct_2_3x2_32)"),
+                            ("optimizer=sgd", "another optimizer sgd (was adamw)")):
+        assert main([*argv, "--set", change, "--set", "epochs=2", "--resume"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"error: cannot resume {run} with {message}" in err, err
+    cfg = load_config("keras-example", ["model=cct_4_3x2_32", "epochs=2", "train_samples=256"])
+    with pytest.raises(CCTError, match=r"another model cct_4_3x2_32 \(was cct_2_3x2_32\)"):
+        train(cfg, run, data_root, resume=True)  # the library checks the saved state itself
+    assert (run / "last.state.pt").read_bytes() == saved
 
 
 def test_learning_rate_schedule():
