@@ -249,6 +249,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .train.loop import compile_for_inference, configure_for_device, evaluate
     from .train.report import plot_confusion
 
+    out = Path(args.out) if args.out else None
+    if out is not None:  # before the evaluation, not after it
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CCTError(f"cannot write {out}: {e.strerror or e}") from None
     model, meta = load_trained(_weights_source(args), args.model)
     dataset = args.dataset or meta.get("dataset")
     if not dataset:
@@ -272,11 +278,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     report = dict(model=meta["model"], checkpoint=str(args.checkpoint), dataset=dataset, split=split,
                   top1=result["top1"], top5=result["top5"], loss=result["loss"], images=result["images"],
                   per_class_top1=dict(zip(data.classes, result["per_class_top1"], strict=True)))
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        plot_confusion(confusion, data.classes, out / "confusion.png", title=f"{meta['model']} on {dataset}")
-        (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    if out is not None:
+        try:
+            plot_confusion(confusion, data.classes, out / "confusion.png", title=f"{meta['model']} on {dataset}")
+            (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+        except OSError as e:
+            raise CCTError(f"cannot write into {out}: {e.strerror or e}") from None
     if args.json:
         _print_json(report)
         return

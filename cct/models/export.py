@@ -3,11 +3,13 @@ with their metadata, or TorchScript."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ..errors import CCTError, UsageError
@@ -36,6 +38,11 @@ def _run_records(checkpoint: Path) -> tuple[dict | None, dict | None]:
     return summary, recipe
 
 
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):  # also where the folder itself is missing or a file
+        path.unlink()
+
+
 def export_model(checkpoint: str | os.PathLike, fmt: str, output: Path, model_name: str | None = None) -> Path:
     """Write `checkpoint`'s model to `output` in format `fmt` ("hub": a Hub model folder); the output is
     written to a temporary name first and renamed, so a failed export never leaves a half-written file."""
@@ -48,9 +55,10 @@ def export_model(checkpoint: str | os.PathLike, fmt: str, output: Path, model_na
         return export_hub_folder(model, meta, output, summary=summary, recipe=recipe)
     height, width = model.img_size
     example = torch.zeros(1, 3, height, width)
-    output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")
     try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp.open("wb").close()  # an unwritable place fails here as an OSError, whatever the writer would raise
         if fmt == "onnx":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -67,10 +75,10 @@ def export_model(checkpoint: str | os.PathLike, fmt: str, output: Path, model_na
                                       meta.get("dataset", ""), extra)
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=metadata)
         os.replace(tmp, output)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise CCTError(f"cannot write {output}: {e.strerror or e}") from None
+    except (OSError, SafetensorError) as e:  # e.g. the disk filled up while writing
+        _remove(tmp)
+        raise CCTError(f"cannot write {output}: {getattr(e, 'strerror', None) or e}") from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise
     return output

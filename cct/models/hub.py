@@ -116,8 +116,11 @@ def export_hub_folder(model: nn.Module, meta: dict[str, Any], out_dir: Path,
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise CCTError(f"{out_dir} exists and is not empty: choose a new folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    except OSError as e:
+        raise CCTError(f"cannot write {out_dir}: {e.strerror or e}") from None
     try:
         model_config = dict(label_names=list(meta["classes"]), dataset=meta.get("dataset", ""))
         if recipe:
@@ -131,6 +134,9 @@ def export_hub_folder(model: nn.Module, meta: dict[str, Any], out_dir: Path,
         if out_dir.exists():
             out_dir.rmdir()
         staging.rename(out_dir)
+    except OSError as e:  # e.g. the disk filled up
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CCTError(f"cannot write {out_dir}: {e.strerror or e}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -70,6 +70,10 @@ CASES = [  # (argv; {d}: the folder above, {data}: CIFAR-10's), exit code, a par
     ("eval {d}/empty.safetensors --model cct_2_3x2_32 --data-dir {data}", 1, "empty.safetensors is not a readable"),
     ("eval {d}/c10.safetensors --model cct_7_3x1_32 --data-dir {data}", 1, "does not fit cct_7_3x1_32: missing"),
     ("bench --batch-size 15 --nproc-per-node 2", 2, "--batch-size 15 does not split over 2 processes"),
+    # output below a file (not a folder): checked before evaluating; torchscript, safetensors and hub were tracebacks
+    ("eval {d}/c10.safetensors --out {d}/c10.safetensors/report", 1, "cannot write {d}/c10.safetensors/report"),
+    *[(f"export {{d}}/c10.safetensors --format {fmt} -o {{d}}/c10.safetensors/x", 1,
+       "cannot write {d}/c10.safetensors/x") for fmt in ("onnx", "torchscript", "safetensors", "hub")],
 ]
 IN_THE_LAUNCHER = [  # cifar10-fast and `cct bench` start 2 processes
     ("train cifar10-fast --out {d}/fast --set model=cct_nope", 2, "unknown model 'cct_nope'"),
@@ -84,7 +88,7 @@ NO_GPU = [f"{TRAIN} --device cuda", "bench --device cuda", "eval {d}/c10.safeten
 def _fails_in_one_line(argv: str, code: int, message: str, files: Path, data_root: Path, capsys) -> None:
     assert main(argv.format(d=files, data=data_root).split()) == code
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message.format(d=files) in err, err
 
 
 @pytest.mark.parametrize("argv, code, message", CASES, ids=[c[0].split("{d}/")[-1][:60] for c in CASES])
