@@ -179,6 +179,7 @@ def _relaunch_with_torchrun(nproc: int, argv: list[str], share_cores: bool,
     except SignalException as e:
         raise KeyboardInterrupt from e
     finally:
+        os.environ.pop(_STARTED_BY_CCT, None)
         for log, level in zip(elastic_logs, levels, strict=True):
             log.setLevel(level)
 
