@@ -71,9 +71,11 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     from .data.datasets import dataset_info, ensure_dataset
     from .train import load_config, train
+    from .train.config import check_crop_fits
     from .train.loop import check_resumable
 
     cfg = load_config(args.recipe, args.set or [])
+    check_crop_fits(cfg)
     name = Path(args.recipe).stem
     run_dir = Path(args.out) if args.out else Path("runs") / name
     if not args.resume and (run_dir / "last.state.pt").exists():

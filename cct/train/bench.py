@@ -23,6 +23,7 @@ import torch
 
 from ..data.augment import normalize
 from ..models.complexity import count_macs
+from ..models.registry import VARIANTS
 from . import distributed as dist
 from .config import Config
 from .loop import Engine, autocast, compile_for_inference, cpu_name
@@ -72,7 +73,7 @@ def run_bench(cfg: Config, device: torch.device, windows: int = 5, steps_per_win
               num_classes: int = 10) -> dict[str, Any]:
     """Benchmark `cfg.model` at `cfg.batch_size` images per process / `cfg.precision`; returns the figures as a
     dict (images/s and GFLOP/s of all processes together under torchrun)."""
-    img_size = cfg.img_size or 32
+    img_size = cfg.img_size or VARIANTS[cfg.model]["img_size"]  # the model's own input size
     mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
     engine = Engine(cfg, num_classes, img_size, mean, std, True, device)
     generator = torch.Generator(device).manual_seed(0)

@@ -167,17 +167,23 @@ def _validate(cfg: Config) -> Config:
         if problem:
             raise UsageError(f"{key} must be {problem}, got {value}")
     check_model_name(cfg.model)
-    info = dataset_info(cfg.dataset)  # an unknown name is refused here too
-    img_size, largest_crop = cfg.img_size or info.img_size, info.img_size + 2 * cfg.padding
-    if info.in_memory and cfg.crop == "pad" and img_size > largest_crop:
-        raise UsageError(f"img_size {img_size} does not fit crop=pad on {info.name}: its {info.img_size} px images "
-                         f"padded by {cfg.padding} give crops of {largest_crop} px at most; use --set crop=resized "
-                         f"to train at {img_size} px")
+    dataset_info(cfg.dataset)  # refuses an unknown name
     scale = cfg.scale
     if len(scale) != 2 or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in scale) \
             or not 0 < scale[0] <= scale[1] <= 1:
         raise UsageError(f"scale must be [min, max] with 0 < min <= max <= 1, got {cfg.scale}")
     return cfg
+
+
+def check_crop_fits(cfg: Config) -> None:
+    """Refuse a training `img_size` that the padded crop of an in-memory dataset cannot give (`cct bench`, which
+    makes its images at the size it measures, does not need this)."""
+    info = dataset_info(cfg.dataset)
+    img_size, largest_crop = cfg.img_size or info.img_size, info.img_size + 2 * cfg.padding
+    if info.in_memory and cfg.crop == "pad" and img_size > largest_crop:
+        raise UsageError(f"img_size {img_size} does not fit crop=pad on {info.name}: its {info.img_size} px images "
+                         f"padded by {cfg.padding} give crops of {largest_crop} px at most; use --set crop=resized "
+                         f"to train at {img_size} px")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

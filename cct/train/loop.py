@@ -33,7 +33,7 @@ from ..models import create_model
 from ..models.checkpoint import model_metadata
 from ..models.complexity import count_params
 from . import distributed as dist
-from .config import Config, config_to_dict
+from .config import Config, check_crop_fits, config_to_dict
 from .report import MetricsLog, Progress
 from .state import RunLock, atomic_write_text, load_state, save_state, save_weights
 
@@ -339,6 +339,7 @@ def _train(cfg: Config, run_dir: Path, data_root: Path | None, resume: bool, dev
     if state is not None:
         check_resumable(cfg, state.get("config", {}), run_dir)
 
+    check_crop_fits(cfg)
     img_size = cfg.img_size or dataset_info(cfg.dataset).img_size
     info, train_ds, eval_ds = _load_data(cfg, data_root, img_size)
     num_classes = len(train_ds.classes)

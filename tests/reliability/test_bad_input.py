@@ -80,7 +80,6 @@ IN_THE_LAUNCHER = [  # cifar10-fast and `cct bench` start 2 processes
     ("train cifar10-fast --out {d}/fast --data-dir {d}/empty-dir", 1, "cifar-10-batches-py"),
     ("train cifar10-fast --out {d}/fast --set img_size=48", 2, "img_size 48 does not fit crop=pad"),
     ("bench --model cct_nope", 2, "unknown model 'cct_nope'"),
-    ("bench --img-size 48", 2, "img_size 48 does not fit crop=pad"),
 ]
 NO_GPU = [f"{TRAIN} --device cuda", "bench --device cuda", "eval {d}/c10.safetensors --device cuda"]
 

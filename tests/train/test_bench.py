@@ -37,3 +37,13 @@ def test_bench_json_two_ddp_processes():
     _check_figures(result)
     assert (result["processes"], result["batch_size"], result["batch_per_process"]) == (2, 16, 8)
 
+
+
+def test_bench_at_another_size_than_the_recipes_dataset(capsys):
+    """The bench makes its images at the size it measures, so the recipe's CIFAR crop does not limit it (an
+    img_size check meant for training once refused --img-size 48 here)."""
+    assert main(["bench", "--img-size", "48", "--batch-size", "8", "--windows", "1", "--json",
+                 "--nproc-per-node", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["img_size"] == 48 and result["train_img_per_s"] > 0
+    assert result["gflops_per_img_train"] > 2 * 0.212  # 2.25x the pixels of 32 px
