@@ -68,4 +68,4 @@ class BatchSource:
 def eval_batch_indices(num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
     """This rank's contiguous share of the evaluation set, in batches (every sample evaluated exactly once)."""
     share = torch.arange(num_samples).tensor_split(world_size)[rank]
-    return list(share.split(batch_size))
+    return [batch for batch in share.split(batch_size) if len(batch)]  # a rank with nothing gets no batch

@@ -293,6 +293,10 @@ def _load_data(cfg: Config, data_root: Path | None, img_size: int):
                   strict_images=cfg.strict_images)
     train_ds = build_dataset(cfg.dataset, "train", **kwargs)
     eval_ds = build_dataset(cfg.dataset, info.eval_split, **kwargs)
+    if len(eval_ds) == 0:
+        raise CCTError(f"the {info.eval_split} split of {cfg.dataset} holds no images ({len(train_ds)} for "
+                       f"training): add images (or, for a tree without a val folder, raise val_fraction, now "
+                       f"{cfg.val_fraction})")
     if not info.in_memory:
         train_ds.transform = train_transform(img_size, scale=tuple(cfg.scale))
         eval_ds.transform = eval_transform(img_size)

@@ -36,6 +36,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (folder / "empty-dir").mkdir()
     _write_bad_files(folder)  # zero.jpg, truncated.jpg, notes_not_image.png, bomb.png (20000 x 20000 header)
     _odd_images(folder)  # gray.jpg, rgba.PNG, palette.png, gray16.png, ...
+    for image in ("a/1.jpg", "b/1.jpg", "b/2.jpg"):  # too few images to hold any out for evaluation
+        (folder / "tiny-tree" / image).parent.mkdir(parents=True, exist_ok=True)
+        (folder / "tiny-tree" / image).write_bytes((folder / "gray.jpg").read_bytes())
     return folder
 
 
@@ -55,6 +58,8 @@ CASES = [  # (argv; {d}: the folder above, {data}: CIFAR-10's), exit code, a par
     ("train keras-example --out {d}/run --data-dir {d}/no-such-dir", 1, "cifar-10-batches-py"),
     ("train keras-example --out {d}/run --data-dir {d}/empty-dir", 1, "cifar-10-batches-py"),
     ("train keras-example --out {d}/run --set dataset=folder:{d}/empty-dir", 1, "has no class subfolders"),
+    ("train keras-example --out {d}/run --set dataset=folder:{d}/tiny-tree --set batch_size=2", 1,
+     "the val split of folder:{d}/tiny-tree holds no images (3 for training)"),  # was a conv's RuntimeError
     ("eval {d}/c10.safetensors --batch-size 0", 2, "argument --batch-size: must be >= 1, got 0"),
     (f"{PREDICT} {{d}}/gray.jpg --topk 0", 2, "argument --topk: must be >= 1, got 0"),
     (f"{PREDICT} {{d}}/gray.jpg --topk -3", 2, "argument --topk: must be >= 1, got -3"),
