@@ -247,7 +247,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     from .data.datasets import build_dataset, dataset_info, eval_transform
     from .data.loader import BatchSource
-    from .models.checkpoint import load_trained
+    from .models.checkpoint import load_trained, run_records
     from .train.config import Config
     from .train.loop import compile_for_inference, configure_for_device, evaluate
     from .train.report import plot_confusion
@@ -258,13 +258,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise CCTError(f"cannot write {out}: {e.strerror or e}") from None
-    model, meta = load_trained(_weights_source(args), args.model)
+    source = _weights_source(args)
+    model, meta = load_trained(source, args.model)
     dataset = args.dataset or meta.get("dataset")
     if not dataset:
         raise UsageError("the checkpoint does not name its dataset: pass --dataset NAME")
     info = dataset_info(dataset)
     split = info.eval_split
-    data = build_dataset(dataset, split, root=_data_root(args.data_dir), download=args.download)
+    # the run's own held-out part: a folder's val split depends on val_fraction and seed, Flowers' on its scheme
+    recipe = run_records(Path(source))[1] or {} if dataset == meta.get("dataset") else {}
+    split_options = {key: recipe[key] for key in ("val_fraction", "seed", "flowers_split") if key in recipe}
+    data = build_dataset(dataset, split, root=_data_root(args.data_dir), download=args.download, **split_options)
     if len(data.classes) != model.num_classes:
         raise CCTError(f"{dataset} has {len(data.classes)} classes but the model predicts {model.num_classes}")
     if not info.in_memory:

@@ -7,6 +7,7 @@ Each rank takes an interleaved shard of the permutation; all ranks get the same 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import torch
@@ -43,7 +44,10 @@ class BatchSource:
     def __init__(self, dataset: InMemoryImages | ImageFiles, device: torch.device, workers: int = 4):
         self.dataset = dataset
         self.device = device
-        self.workers = workers
+        # never more workers than CPUs this process may use: more only contend (PyTorch warns of it, and the
+        # default of 4 would make it warn on every 2-core laptop)
+        self.workers = min(workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                           else os.cpu_count() or 1)
         if isinstance(dataset, InMemoryImages):
             self.images = dataset.images.to(device)
             self.labels = dataset.labels.to(device)

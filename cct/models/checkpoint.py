@@ -207,3 +207,20 @@ def load_trained(path: str | os.PathLike, model_name: str | None = None) -> tupl
     meta.setdefault("std", list(cfg.get("std", (0.5, 0.5, 0.5))))
     meta["model"] = name
     return model, meta
+
+
+def run_records(checkpoint: Path) -> tuple[dict | None, dict | None]:
+    """The run record of a checkpoint, (summary, recipe): the JSON beside shipped weights, or the summary.json
+    and config.yaml of the run directory it lies in; None for what is not there."""
+    import yaml
+
+    run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    summary = recipe = None
+    record = checkpoint.with_suffix(".json")  # shipped weights carry their run's summary beside them
+    if checkpoint.is_file() and record.is_file():
+        summary = json.loads(record.read_text())
+    elif (run_dir / "summary.json").is_file():
+        summary = json.loads((run_dir / "summary.json").read_text())
+    if (run_dir / "config.yaml").is_file():
+        recipe = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return summary, recipe

@@ -13,29 +13,10 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ..errors import CCTError, UsageError
-from .checkpoint import load_trained, model_metadata
+from .checkpoint import load_trained, model_metadata, run_records
 from .hub import export_hub_folder
 
 FORMATS = ("onnx", "safetensors", "torchscript", "hub")
-
-
-def _run_records(checkpoint: Path) -> tuple[dict | None, dict | None]:
-    """The run record of a checkpoint: the JSON beside shipped weights, or the summary.json and config.yaml
-    of the run directory it lies in."""
-    import json
-
-    import yaml
-
-    run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    summary = recipe = None
-    record = checkpoint.with_suffix(".json")  # shipped weights carry their run's summary beside them
-    if checkpoint.is_file() and record.is_file():
-        summary = json.loads(record.read_text())
-    elif (run_dir / "summary.json").is_file():
-        summary = json.loads((run_dir / "summary.json").read_text())
-    if (run_dir / "config.yaml").is_file():
-        recipe = yaml.safe_load((run_dir / "config.yaml").read_text())
-    return summary, recipe
 
 
 def _remove(path: Path) -> None:
@@ -51,7 +32,7 @@ def export_model(checkpoint: str | os.PathLike, fmt: str, output: Path, model_na
     model, meta = load_trained(checkpoint, model_name)
     model = model.float().eval()
     if fmt == "hub":
-        summary, recipe = _run_records(Path(checkpoint))
+        summary, recipe = run_records(Path(checkpoint))
         return export_hub_folder(model, meta, output, summary=summary, recipe=recipe)
     height, width = model.img_size
     example = torch.zeros(1, 3, height, width)

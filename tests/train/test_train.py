@@ -237,6 +237,27 @@ def test_resume_with_another_model_or_optimizer_is_one_line_and_keeps_the_run(da
     assert (run / "last.state.pt").read_bytes() == saved
 
 
+def test_eval_of_a_folder_run_uses_the_runs_held_out_images(tmp_path, capsys):
+    """A folder's val split depends on val_fraction and seed: `cct eval RUN` takes them from the run, so it
+    measures the images the run held out (with the defaults it would take others, some of them trained on)."""
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / "tree" / label).mkdir(parents=True)
+        for i in range(10):
+            pixels = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "tree" / label / f"{i}.png")
+    run = tmp_path / "run"
+    assert main(["train", "keras-example", "--set", f"dataset=folder:{tmp_path / 'tree'}", "--set", "epochs=1",
+                 "--set", "batch_size=4", "--set", "img_size=32", "--set", "val_fraction=0.3", "--set", "seed=5",
+                 "--set", "workers=0", "--out", str(run)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json", "--workers", "0"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["images"] == 6  # 30% of 20, not the default 10%
+    assert report["top1"] == pytest.approx(summary["final_top1"], abs=0.01)
+
+
 def test_learning_rate_schedule():
     cfg = Config(lr=1.0, min_lr=0.1, warmup_epochs=1, warmup_lr=0.0, scheduler="cosine", cooldown_epochs=1)
     spe, total = 10, 50
