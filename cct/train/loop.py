@@ -263,8 +263,8 @@ class Engine:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.module.load_state_dict(state["ema"])
+        if self.ema is not None:  # a run that turns EMA on at a resume starts its average from the loaded weights
+            self.ema.module.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
 
 
 def _git_commit() -> str | None:

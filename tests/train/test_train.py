@@ -258,6 +258,21 @@ def test_eval_of_a_folder_run_uses_the_runs_held_out_images(tmp_path, capsys):
     assert report["top1"] == pytest.approx(summary["final_top1"], abs=0.01)
 
 
+def test_ema_turned_on_at_a_resume_starts_from_the_loaded_weights():
+    """Before, the average kept the new engine's random initial weights, and the resumed run evaluated those."""
+    from cct.train.loop import Engine
+
+    def engine(ema: bool, seed: int) -> Engine:
+        torch.manual_seed(seed)
+        cfg = Config(model="cct_2_3x2_32", ema=ema, optimizer="adamw", lr=1e-3)
+        return Engine(cfg, 10, 32, (0.5,) * 3, (0.25,) * 3, True, torch.device("cpu"))
+
+    saved = engine(ema=False, seed=1).state_dict()
+    resumed = engine(ema=True, seed=2)
+    resumed.load_state_dict(saved)
+    assert all(torch.equal(resumed.ema.module.state_dict()[k], v) for k, v in saved["model"].items())
+
+
 def test_learning_rate_schedule():
     cfg = Config(lr=1.0, min_lr=0.1, warmup_epochs=1, warmup_lr=0.0, scheduler="cosine", cooldown_epochs=1)
     spe, total = 10, 50
