@@ -265,8 +265,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise UsageError("the checkpoint does not name its dataset: pass --dataset NAME")
     info = dataset_info(dataset)
     split = info.eval_split
-    # the run's own held-out part: a folder's val split depends on val_fraction and seed, Flowers' on its scheme
-    recipe = run_records(Path(source))[1] or {} if dataset == meta.get("dataset") else {}
+    # as the run evaluated: its own held-out part (a folder's val split depends on val_fraction and seed, Flowers'
+    # on its scheme) and its test-time flip (config.yaml of a run directory; the JSON beside shipped weights)
+    summary, recipe = run_records(Path(source)) if dataset == meta.get("dataset") else (None, None)
+    summary, recipe = summary or {}, recipe or {}
     split_options = {key: recipe[key] for key in ("val_fraction", "seed", "flowers_split") if key in recipe}
     data = build_dataset(dataset, split, root=_data_root(args.data_dir), download=args.download, **split_options)
     if len(data.classes) != model.num_classes:
@@ -275,7 +277,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         data.transform = eval_transform(model.img_size[0])
     device = _device(args.device)
     model.to(device)
-    cfg = Config(precision=args.precision, eval_batch_size=args.batch_size, test_time_flip=args.flip)
+    flip = args.flip if args.flip is not None else bool(recipe.get("test_time_flip",
+                                                                   summary.get("test_time_flip", False)))
+    cfg = Config(precision=args.precision, eval_batch_size=args.batch_size, test_time_flip=flip)
     configure_for_device(model, device, cfg.precision)
     if args.compile:
         model = compile_for_inference(model)
@@ -456,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast precision (default bf16, as training evaluates)")
     p.add_argument("--batch-size", type=_at_least(1), default=500)
     p.add_argument("--workers", type=_at_least(0), default=4, help="decoding workers for file datasets")
-    p.add_argument("--flip", action="store_true", help="test-time horizontal-flip averaging")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction,
+                   help="test-time horizontal-flip averaging (default: as the run was evaluated, else off)")
     p.add_argument("--compile", action="store_true",
                    help="compile the model for inference first (seconds; pays off on large evaluation sets)")
     p.add_argument("--device", choices=("cpu", "cuda"))

@@ -239,7 +239,8 @@ def test_resume_with_another_model_or_optimizer_is_one_line_and_keeps_the_run(da
 
 def test_eval_of_a_folder_run_uses_the_runs_held_out_images(tmp_path, capsys):
     """A folder's val split depends on val_fraction and seed: `cct eval RUN` takes them from the run, so it
-    measures the images the run held out (with the defaults it would take others, some of them trained on)."""
+    measures the images the run held out (with the defaults it would take others, some of them trained on); and
+    it evaluates with the run's test-time flip unless told (`--no-flip`)."""
     rng = np.random.default_rng(0)
     for label in ("a", "b"):
         (tmp_path / "tree" / label).mkdir(parents=True)
@@ -249,13 +250,17 @@ def test_eval_of_a_folder_run_uses_the_runs_held_out_images(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "keras-example", "--set", f"dataset=folder:{tmp_path / 'tree'}", "--set", "epochs=1",
                  "--set", "batch_size=4", "--set", "img_size=32", "--set", "val_fraction=0.3", "--set", "seed=5",
-                 "--set", "workers=0", "--out", str(run)]) == 0
+                 "--set", "workers=0", "--set", "test_time_flip=true", "--out", str(run)]) == 0
     summary = json.loads((run / "summary.json").read_text())
     capsys.readouterr()
-    assert main(["eval", str(run), "--json", "--workers", "0"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["images"] == 6  # 30% of 20, not the default 10%
-    assert report["top1"] == pytest.approx(summary["final_top1"], abs=0.01)
+    reports = []
+    for flip in ([], ["--no-flip"]):
+        assert main(["eval", str(run), "--json", "--workers", "0", *flip]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    assert reports[0]["images"] == 6  # 30% of 20, not the default 10%
+    assert reports[0]["top1"] == pytest.approx(summary["final_top1"], abs=0.01)
+    assert reports[0]["loss"] == pytest.approx(summary["final_loss"], abs=1e-4)
+    assert reports[1]["loss"] != pytest.approx(summary["final_loss"], abs=1e-4)  # without the flip: another loss
 
 
 def test_ema_turned_on_at_a_resume_starts_from_the_loaded_weights():
