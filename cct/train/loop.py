@@ -314,8 +314,9 @@ def train(cfg: Config, run_dir: Path, data_root: Path | None = None, resume: boo
         return _train(cfg, run_dir, data_root, resume, device)
 
 
-# What the saved weights and optimiser state are shaped by: a resumed run must keep them.
-_FIXED_ON_RESUME = ("model", "dataset", "img_size", "optimizer")
+# What the saved weights and optimiser state are shaped by, and what a saved step means (it counts global
+# batches of the training set): a resumed run must keep them.
+_FIXED_ON_RESUME = ("model", "dataset", "img_size", "optimizer", "batch_size", "train_samples")
 
 
 def check_resumable(cfg: Config, saved: dict[str, Any], run_dir: Path) -> None:

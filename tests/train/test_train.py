@@ -219,7 +219,7 @@ def test_train_and_eval_download_a_missing_dataset(tmp_path, monkeypatch, capsys
     assert "--download under torchrun" in capsys.readouterr().err
 
 
-def test_resume_with_another_model_or_optimizer_is_one_line_and_keeps_the_run(data_root, tmp_path, capsys):
+def test_resume_with_another_model_optimizer_or_batch_is_one_line_and_keeps_the_run(data_root, tmp_path, capsys):
     run = tmp_path / "run"
     argv = ["train", "keras-example", "--set", "epochs=1", "--set", "train_samples=256", "--set",
             "eval_batch_size=2000", "--data-dir", str(data_root), "--out", str(run)]
@@ -227,7 +227,8 @@ def test_resume_with_another_model_or_optimizer_is_one_line_and_keeps_the_run(da
     saved = (run / "last.state.pt").read_bytes()
     capsys.readouterr()
     for change, message in (("model=cct_4_3x2_32", "another model cct_4_3x2_32 (was cct_2_3x2_32)"),
-                            ("optimizer=sgd", "another optimizer sgd (was adamw)")):
+                            ("optimizer=sgd", "another optimizer sgd (was adamw)"),
+                            ("batch_size=64", "another batch_size 64 (was 128)")):
         assert main([*argv, "--set", change, "--set", "epochs=2", "--resume"]) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"error: cannot resume {run} with {message}" in err, err
