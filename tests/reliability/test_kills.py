@@ -63,14 +63,21 @@ class Watcher:
             assert time.perf_counter() < deadline, "timed out"
             time.sleep(0.01)
 
-    def wait_for_checkpoint_file(self, nth: int, timeout: float = 300) -> None:
-        """Return the moment the process creates its nth checkpoint temporary file. The files live a few
-        milliseconds (one write and an fsync), too short to find by listing the folder: inotify reports
-        each creation as it happens."""
+    def kill_at_checkpoint_file(self, nth: int, timeout: float = 300) -> None:
+        """SIGKILL the process the moment it creates its nth checkpoint temporary file. The files live well under
+        a millisecond on a fast disk (one write and an fsync), too short to find by listing the folder: inotify
+        reports each creation as it happens, and while it waits this process runs at real-time priority (where
+        allowed), so that it preempts the training threads on the event instead of queueing behind them (at
+        normal priority about 1 in 5 such kills landed in the write)."""
         libc = ctypes.CDLL(None, use_errno=True)
         fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         assert fd >= 0 and libc.inotify_add_watch(fd, os.fsencode(self.run_dir), IN_CREATE) >= 0
         deadline, seen = time.perf_counter() + timeout, 0
+        policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+        except OSError:
+            pass  # not permitted here: the kill still lands, in the write or just after it
         try:
             while seen < nth:
                 select.select([fd], [], [], 0.05)
@@ -86,7 +93,9 @@ class Watcher:
                     name = events[offset + 16:offset + 16 + length].rstrip(b"\0").decode()
                     seen += bool(CHECKPOINT_TMP.match(name))
                     offset += 16 + length
+            self.process.send_signal(signal.SIGKILL)
         finally:
+            os.sched_setscheduler(0, policy, param)  # before the next training process is started
             os.close(fd)
 
     def started(self) -> bool:
@@ -116,14 +125,15 @@ def _kill(watcher: Watcher, aim: str, rng: random.Random, step_seconds: float) -
         time.sleep(rng.uniform(0, 0.05))
     elif aim == "write":
         nth = rng.randint(1, 2)  # the weights' or the state's temporary file
-        watcher.wait_for_checkpoint_file(nth)
+        watcher.kill_at_checkpoint_file(nth)
     else:
         if start_step % SPE == SPE - 1:  # resumed before an epoch's last step: it and the evaluation come first
             watcher.wait_until(lambda: watcher.training_since is not None)
         else:
             watcher.wait_until(lambda: watcher.step > start_step and watcher.step % SPE == SPE - 1)
         time.sleep(step_seconds * rng.uniform(4, 8))
-    watcher.process.send_signal(signal.SIGKILL)
+    if aim != "write":  # killed already, at the event
+        watcher.process.send_signal(signal.SIGKILL)
     killed_at = time.perf_counter()
     watcher.process.wait()
     return killed_at - (watcher.changes[-1][0] if watcher.changes else watcher.training_since or killed_at)
