@@ -312,29 +312,44 @@ def cmd_predict(args: argparse.Namespace) -> None:
         args.checkpoint, args.images = args.images[0], args.images[1:]
     else:
         args.checkpoint = None
-    import torch
-
-    from .data.augment import normalize
     from .data.datasets import eval_transform
     from .models.checkpoint import load_trained
 
     model, meta = load_trained(_weights_source(args), args.model)
     transform = eval_transform(model.img_size[0], crop_pct=1.0)
-    images = torch.stack([transform(_decode(path)) for path in args.images])
-    with torch.no_grad():
-        probs = model(normalize(images, meta["mean"], meta["std"])).float().softmax(dim=1)
-    k = min(args.topk, probs.shape[1])
-    top = probs.topk(k, dim=1)
-    results = [dict(image=str(path), predictions=[dict(label=meta["classes"][i], probability=round(p, 6))
-                                                   for p, i in zip(values.tolist(), idx.tolist(), strict=True)])
-               for path, values, idx in zip(args.images, top.values, top.indices, strict=True)]
+    readable, unreadable = [], []  # like `cat` or `file`: every image that can be read is classified
+    for path in args.images:
+        try:
+            readable.append((path, transform(_decode(path))))
+        except CCTError as e:
+            unreadable.append(str(e))
+    results = _classify(model, meta, readable, args.topk) if readable else []
     if args.json:
         _print_json(results)
-        return
-    for r in results:
-        print(r["image"])
-        for p in r["predictions"]:
-            print(f"  {p['probability'] * 100:6.2f}%  {p['label']}")
+    else:
+        for r in results:
+            print(r["image"])
+            for p in r["predictions"]:
+                print(f"  {p['probability'] * 100:6.2f}%  {p['label']}")
+    for message in unreadable[:-1]:
+        print(f"error: {message}", file=sys.stderr)
+    if unreadable:
+        raise CCTError(unreadable[-1])
+
+
+def _classify(model, meta: dict, images: list, topk: int) -> list[dict]:
+    """The top-k labels and probabilities of each (path, uint8 image) pair, in order."""
+    import torch
+
+    from .data.augment import normalize
+
+    batch = torch.stack([image for _, image in images])
+    with torch.no_grad():
+        probs = model(normalize(batch, meta["mean"], meta["std"])).float().softmax(dim=1)
+    top = probs.topk(min(topk, probs.shape[1]), dim=1)
+    return [dict(image=str(path), predictions=[dict(label=meta["classes"][i], probability=round(p, 6))
+                                               for p, i in zip(values.tolist(), idx.tolist(), strict=True)])
+            for (path, _), values, idx in zip(images, top.values, top.indices, strict=True)]
 
 
 def _weights_source(args: argparse.Namespace) -> str | Path:

@@ -5,6 +5,7 @@ docs/reliability.md says where each one is tested."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,18 @@ def test_odd_image_modes_are_accepted(files, capsys):
     images = [str(files / name) for name in ("gray.jpg", "rgba.PNG", "palette.png", "gray16.png", "tiny.png")]
     assert main(["predict", str(files / "c10.safetensors"), *images, "--topk", "2"]) == 0
     assert capsys.readouterr().out.count("%") == 2 * len(images)
+
+
+def test_predict_classifies_the_readable_images_and_names_each_unreadable_one(files, capsys):
+    """Like `cat` or `file`: one bad file among good ones costs its own line and the exit code, not the others'
+    predictions (before, the whole command stopped at the first bad file)."""
+    argv = ["predict", str(files / "c10.safetensors"), str(files / "gray.jpg"), str(files / "zero.jpg"),
+            str(files / "rgba.PNG"), str(files / "no-such.png"), "--json"]
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    assert [r["image"] for r in json.loads(out)] == [str(files / "gray.jpg"), str(files / "rgba.PNG")]
+    assert err.splitlines() == [f"error: {files / 'zero.jpg'}: empty file (0 bytes)",
+                                f"error: {files / 'no-such.png'}: cannot read file (No such file or directory)"]
 
 
 def test_debug_shows_the_traceback(files):
