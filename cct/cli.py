@@ -67,9 +67,8 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Train a recipe into a run directory (or resume the run there)."""
-    import yaml
-
     from .data.datasets import dataset_info, ensure_dataset
+    from .models.checkpoint import run_records
     from .train import load_config, train
     from .train.config import check_crop_fits
     from .train.loop import check_resumable
@@ -80,8 +79,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     run_dir = Path(args.out) if args.out else Path("runs") / name
     if not args.resume and (run_dir / "last.state.pt").exists():
         raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, or --out another folder")
-    if args.resume and (run_dir / "config.yaml").is_file():  # here too, before any worker starts
-        check_resumable(cfg, yaml.safe_load((run_dir / "config.yaml").read_text()) or {}, run_dir)
+    if args.resume and run_dir.is_dir():  # checked by train() too; here before any worker starts
+        check_resumable(cfg, run_records(run_dir)[1] or {}, run_dir)
     cpu_launch = _cpu_launch(args.device)  # also refuses a GPU that is not there, before any process starts
     args.interrupt_hint = _resume_hint(run_dir)
     data_root = _data_root(args.data_dir)
