@@ -84,7 +84,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     cpu_launch = _cpu_launch(args.device)  # also refuses a GPU that is not there, before any process starts
     args.interrupt_hint = _resume_hint(run_dir)
     data_root = _data_root(args.data_dir)
-    if "TORCHELASTIC_RUN_ID" not in os.environ:  # the launching process: once, before any worker starts
+    if not _under_torchrun():  # the launching process: once, before any worker starts
         ensure_dataset(cfg.dataset, ("train", dataset_info(cfg.dataset).eval_split), data_root,
                        download=args.download)
     elif args.download:  # every process of a torchrun started by hand would download at once
@@ -112,10 +112,15 @@ def _device(name: str | None):
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def _under_torchrun() -> bool:
+    """Whether this process is a worker of a torchrun job (one that `cct` started, or one started by hand)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
 def _cpu_launch(device: str | None) -> bool:
     """Whether a recipe's `processes` applies: a CPU run started by hand (not yet under torchrun). On GPUs the
     process count is one per GPU, chosen with --nproc-per-node."""
-    return _device(device).type == "cpu" and "TORCHELASTIC_RUN_ID" not in os.environ
+    return _device(device).type == "cpu" and not _under_torchrun()
 
 
 def _data_root(data_dir: str | None) -> Path:
@@ -144,7 +149,7 @@ def _relaunch_with_torchrun(nproc: int, argv: list[str], share_cores: bool,
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    if "TORCHELASTIC_RUN_ID" in os.environ:
+    if _under_torchrun():
         raise UsageError("--nproc-per-node starts torchrun itself: under torchrun, leave it out "
                          "(torchrun's own --nproc-per-node sets the processes)")
     cleaned, skip = [], False
@@ -524,7 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.func(args)
         return 0
     except KeyboardInterrupt:
-        if not (os.environ.get(_STARTED_BY_CCT) and "TORCHELASTIC_RUN_ID" in os.environ):  # not our worker
+        if not (_under_torchrun() and os.environ.get(_STARTED_BY_CCT)):  # not a worker `cct` started
             print(f"interrupted{getattr(args, 'interrupt_hint', lambda: '')()}", file=sys.stderr)
         return 130
     except CCTError as e:
