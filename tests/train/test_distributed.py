@@ -112,20 +112,31 @@ def _descendants(pid: int) -> list[int]:
     return kids + [d for k in kids for d in _descendants(k)]
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through /proc")
-def test_killed_worker_fails_the_job_with_one_line_and_resume_finishes_it(tmp_path):
-    out = tmp_path / "run"
-    args = ["keras-example", *TINY, "--set", "epochs=3", "--set", "batch_size=32", "--set", "eval_every=100",
-            "--set", "checkpoint_every_steps=2", "--out", str(out), "--nproc-per-node", "2"]
+def _started_until_first_checkpoint(args: list[str], out: Path, **popen: object) -> subprocess.Popen:
+    """`cct train ARGS` (one thread per process) started in the background, returned once the run in `out` has
+    saved its first checkpoint; stderr is captured."""
     env = dict(os.environ, CCT_DATA=DATA, OMP_NUM_THREADS="1")
-    job = subprocess.Popen([sys.executable, "-m", "cct", "train", *args], env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    job = subprocess.Popen([sys.executable, "-m", "cct", "train", *args], env=env, stderr=subprocess.PIPE, text=True,
+                           **popen)
     try:
         deadline = time.monotonic() + 180
         while not (out / "last.state.pt").exists():  # the first mid-epoch checkpoint
             assert job.poll() is None, job.communicate()
             assert time.monotonic() < deadline
             time.sleep(0.05)
+    except BaseException:
+        job.kill()
+        raise
+    return job
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through /proc")
+def test_killed_worker_fails_the_job_with_one_line_and_resume_finishes_it(tmp_path):
+    out = tmp_path / "run"
+    args = ["keras-example", *TINY, "--set", "epochs=3", "--set", "batch_size=32", "--set", "eval_every=100",
+            "--set", "checkpoint_every_steps=2", "--out", str(out), "--nproc-per-node", "2"]
+    job = _started_until_first_checkpoint(args, out, stdout=subprocess.PIPE)
+    try:
         victims = [pid for pid in _descendants(job.pid)
                    if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")]
         assert len(victims) == 1, victims
@@ -153,17 +164,10 @@ def test_ctrl_c_stops_every_process_with_one_line(tmp_path):
     """Ctrl-C in a terminal signals the launcher and its workers together (one process group): one line comes
     back, not one per process nor torchrun's own warning, and it says that the checkpoint can be resumed."""
     out = tmp_path / "run"
-    env = dict(os.environ, CCT_DATA=DATA, OMP_NUM_THREADS="1")
-    job = subprocess.Popen([sys.executable, "-m", "cct", "train", "keras-example", *TINY, "--set", "epochs=3",
-                            "--set", "batch_size=32", "--set", "checkpoint_every_steps=2", "--out", str(out),
-                            "--nproc-per-node", "2"], env=env, stderr=subprocess.PIPE, text=True,
-                           start_new_session=True)
+    args = ["keras-example", *TINY, "--set", "epochs=3", "--set", "batch_size=32", "--set", "checkpoint_every_steps=2",
+            "--out", str(out), "--nproc-per-node", "2"]
+    job = _started_until_first_checkpoint(args, out, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while not (out / "last.state.pt").exists():
-            assert job.poll() is None, job.communicate()
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
         os.killpg(job.pid, signal.SIGINT)
         _, stderr = job.communicate(timeout=120)
     finally:
