@@ -5,6 +5,7 @@ same files as a single process. Needs the real CIFAR-10 (env CCT_DATA)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -59,6 +60,43 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     result = {"noisy": _steps(NOISY, 16, rank, world), "exact": _steps(EXACT, 16, rank, world)}
     torch.save(result, Path(out) / f"rank{rank}.pt")
     dist.barrier()
+
+
+def _nan_on_one_rank_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Three steps on 2 ranks; in the second, rank 1's loss is NaN (its logits are made NaN by a hook)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from cct.train import distributed as dist
+    from cct.train.config import load_config
+    from cct.train.loop import Engine
+
+    dist.setup()
+    engine = Engine(load_config("cifar10-fast", ["batch_size=4"]), 10, 32, (0.5,) * 3, (0.25,) * 3, True,
+                    torch.device("cpu"))
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(rank))
+    losses, weights = [], []
+    for step in range(3):
+        poison = step == 1 and rank == 1
+        hook = engine.model.head.register_forward_hook(lambda m, i, o: o * math.nan) if poison else None
+        losses.append(engine.step(images, torch.arange(4), step, 1e-3)[0])
+        weights.append({k: v.clone() for k, v in engine.model.state_dict().items()})
+        if hook:
+            hook.remove()
+    torch.save(dict(losses=losses, weights=weights), Path(out) / f"rank{rank}.pt")
+
+
+def test_a_non_finite_loss_on_one_rank_makes_every_rank_skip_that_step(tmp_path):
+    """Every rank skips the same step and reports it as non-finite (the all-reduced gradients carry the NaN to
+    the other rank), nobody hangs, and the ranks carry on with identical weights."""
+    mp.spawn(_nan_on_one_rank_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for r in ranks:
+        assert [math.isfinite(loss) for loss in r["losses"]] == [True, False, True], r["losses"]
+        assert all(torch.equal(v, r["weights"][0][k]) for k, v in r["weights"][1].items())  # step 1 changed nothing
+        assert not torch.equal(r["weights"][2]["head.weight"], r["weights"][1]["head.weight"])  # step 2 trained
+    for step in range(3):
+        assert all(torch.equal(v, ranks[1]["weights"][step][k]) for k, v in ranks[0]["weights"][step].items())
 
 
 def _free_port() -> int:

@@ -1,6 +1,7 @@
 """Training through the real CLI: outputs of a run, exact resume after kill -9, eval/predict/export round trips,
 every bundled recipe building its model and data, configuration errors."""
 
+import copy
 import csv
 import json
 import math
@@ -312,3 +313,26 @@ def test_compile_on_cpu_compiles_the_encoder_blocks_and_keeps_the_function():
     eager.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled.model(x), eager.model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_a_step_with_non_finite_gradients_changes_nothing():
+    """A finite loss whose backward overflows (here: one gradient made infinite by a hook) is reported as a
+    non-finite step and leaves weights and optimiser state as they were, instead of writing inf into them."""
+    from cct.train.loop import Engine
+
+    torch.manual_seed(0)
+    engine = Engine(load_config("cifar10-fast", ["batch_size=8"]), 10, 32, (0.5,) * 3, (0.25,) * 3, True,
+                    torch.device("cpu"))
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(8)
+    engine.step(images, labels, 0, 1e-3)  # a normal step first, so that the optimiser has state to keep
+    before = copy.deepcopy(engine.state_dict())
+    hook = engine.model.head.weight.register_hook(lambda grad: grad * math.inf)
+    loss, _, _ = engine.step(images, labels, 1, 1e-3)
+    assert math.isnan(loss)
+    after = engine.state_dict()
+    for part in ("model", "optimizer"):
+        torch.testing.assert_close(after[part], before[part], rtol=0, atol=0)
+    assert all(p.grad is None for p in engine.model.parameters())
+    hook.remove()
+    assert math.isfinite(engine.step(images, labels, 1, 1e-3)[0])
