@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from timm.layers import Attention, DropPath, Mlp, to_2tuple
 from torch import nn
 
+from .cpu_kernels import Conv2d, MaxPoolReLU
+
 POSITIONAL_EMBEDDINGS = ("learnable", "sine", "none")
 STOCHASTIC_DEPTH_MODES = ("droppath", "skip")
 
@@ -47,12 +49,14 @@ class ConvTokenizer(nn.Module):
         super().__init__()
         widths = [in_chans] + [hidden_dim] * (n_conv_layers - 1) + [embed_dim]
         # ReLU after the max-pool rather than before (as the paper draws it): the two commute exactly, since
-        # both are monotone, and the ReLU then touches 4x fewer values (forward and backward).
+        # both are monotone, and the ReLU then touches 4x fewer values; with both, one module does the two
+        # (in one pass on a CPU in bf16, see cpu_kernels.py).
+        pool = (MaxPoolReLU if activation else nn.MaxPool2d) if max_pool else None
         self.convs = nn.Sequential(*(
             nn.Sequential(OrderedDict(
-                conv=nn.Conv2d(c_in, c_out, kernel_size, stride, padding, bias=conv_bias),
-                pool=nn.MaxPool2d(pool_kernel, pool_stride, pool_padding) if max_pool else nn.Identity(),
-                act=nn.ReLU(inplace=True) if activation else nn.Identity(),
+                conv=Conv2d(c_in, c_out, kernel_size, stride, padding, bias=conv_bias),
+                pool=pool(pool_kernel, pool_stride, pool_padding) if pool else nn.Identity(),
+                act=nn.ReLU(inplace=True) if activation and not max_pool else nn.Identity(),
             ))
             for c_in, c_out in zip(widths[:-1], widths[1:], strict=True)
         ))

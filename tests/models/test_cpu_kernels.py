@@ -1,0 +1,152 @@
+"""The tokenizer's compiled CPU kernels (Winograd 3x3 convolution, fused max-pool + ReLU) against PyTorch's own, in
+bf16: the same function to bf16 rounding, forward and backward, the fast path taken where it applies and PyTorch's
+kernels everywhere else, and a machine without a C compiler still gets a working model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import cct
+from cct.models.cpu_kernels import Conv2d, MaxPoolReLU, library
+
+needs_kernels = pytest.mark.skipif(library() is None, reason="the CPU kernels cannot be built on this machine")
+
+
+class OpsSeen(TorchDispatchMode):
+    """Records the name of every operator dispatched inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _relative_error(value: torch.Tensor, exact: torch.Tensor) -> float:
+    return ((value.double() - exact).abs().max() / exact.abs().max()).item()
+
+
+def _channels_last(*shape: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(*shape, generator=generator).bfloat16().contiguous(memory_format=torch.channels_last)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(4, 64, 128, 16, 16), (3, 16, 32, 7, 9), (2, 32, 16, 1, 2)])
+def test_winograd_convolution_is_pytorchs_to_bf16_rounding(shape):
+    """Output, input gradient and weight gradient, each against the exact (fp64) convolution: within 4x the error
+    of PyTorch's own bf16 convolution (measured 2-3x: Winograd's tile transforms round once more)."""
+    n, c, k, h, w = shape
+    gen = torch.Generator().manual_seed(0)
+    conv = Conv2d(c, k, 3, 1, 1, bias=False).bfloat16()
+    x = _channels_last(n, c, h, w, generator=gen).requires_grad_()
+    grad = _channels_last(n, k, h, w, generator=gen)
+    exact_x, exact_w = x.detach().double().requires_grad_(), conv.weight.detach().double().requires_grad_()
+    F.conv2d(exact_x, exact_w, padding=1).backward(grad.double())
+
+    results = {}
+    for name, forward in (("winograd", conv), ("pytorch", lambda t: F.conv2d(t, conv.weight, padding=1))):
+        with OpsSeen() as seen:
+            y = forward(x)
+            y.backward(grad)
+        results[name] = (y, x.grad, conv.weight.grad)
+        assert ("cct.winograd_conv3x3.default" in seen.names) == (name == "winograd")
+        x.grad = conv.weight.grad = None
+    assert results["winograd"][0].is_contiguous(memory_format=torch.channels_last)
+    exact = (F.conv2d(exact_x, exact_w, padding=1), exact_x.grad, exact_w.grad)
+    for fast, slow, truth, what in zip(results["winograd"], results["pytorch"], exact, ("output", "input", "weight"),
+                                       strict=True):
+        assert _relative_error(fast, truth) <= 4 * _relative_error(slow, truth), what
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(4, 64, 32, 32), (3, 16, 7, 9), (2, 32, 1, 2)])
+def test_maxpool_relu_is_pytorchs(shape):
+    """The output is PyTorch's bit for bit, ties (first maximum wins) and NaN included; the gradient goes to the
+    same places, summed where windows overlap (to bf16 rounding: PyTorch sums in bf16, these kernels in fp32)."""
+    gen = torch.Generator().manual_seed(0)
+    x = _channels_last(*shape, generator=gen)
+    x = (x * 2).round() / 2  # many ties
+    x[0, :, 0, 0] = float("nan")
+    x.requires_grad_()
+    pool = MaxPoolReLU(3, 2, 1)
+    outputs, grads = [], []
+    for forward in (pool, lambda t: F.relu(F.max_pool2d(t, 3, 2, 1))):
+        with OpsSeen() as seen:
+            y = forward(x)
+            grad = _channels_last(*y.shape, generator=torch.Generator().manual_seed(1))
+            y.backward(grad)
+        outputs.append(y.detach())
+        grads.append(x.grad)
+        assert ("cct.maxpool3x3_relu.default" in seen.names) == (forward is pool)
+        x.grad = None
+    assert torch.equal(outputs[0].nan_to_num(-7.0), outputs[1].nan_to_num(-7.0))
+    # gradients are O(1), so a gradient routed to the wrong place would differ by far more than this
+    torch.testing.assert_close(grads[0], grads[1], rtol=1 / 64, atol=1 / 64)
+
+
+def test_pytorchs_kernels_where_the_fast_ones_do_not_apply():
+    """fp32, channels not a multiple of 16, other geometry, or tracing for export: the modules are exactly
+    PyTorch's (same kernels, same numbers)."""
+    gen = torch.Generator().manual_seed(0)
+    cases = [(Conv2d(16, 32, 3, 1, 1, bias=False), torch.randn(2, 16, 8, 8, generator=gen)),  # fp32
+             (Conv2d(3, 16, 3, 1, 1, bias=False).bfloat16(), torch.randn(2, 3, 8, 8, generator=gen).bfloat16()),
+             (Conv2d(16, 32, 3, 2, 1, bias=False).bfloat16(), torch.randn(2, 16, 8, 8, generator=gen).bfloat16())]
+    for conv, x in cases:
+        with OpsSeen() as seen:
+            y = conv(x)
+        assert not any(name.startswith("cct.") for name in seen.names)
+        assert torch.equal(y, F.conv2d(x, conv.weight, stride=conv.stride, padding=1))
+    x = torch.randn(2, 16, 8, 8, generator=gen)
+    assert torch.equal(MaxPoolReLU(3, 2, 1)(x), F.relu(F.max_pool2d(x, 3, 2, 1)))
+    assert torch.equal(MaxPoolReLU(2, 2, 0)(x.bfloat16()), F.relu(F.max_pool2d(x.bfloat16(), 2, 2)))
+    model = cct.create_model("cct_2_3x2_32").eval().bfloat16()
+    traced = torch.jit.trace(model, torch.zeros(1, 3, 32, 32, dtype=torch.bfloat16))
+    assert "cct::" not in str(traced.inlined_graph)
+
+
+@needs_kernels
+def test_a_bf16_training_step_of_cct_2_takes_the_fast_kernels_and_learns_what_pytorchs_do():
+    """Both tokenizer layers of cct_2_3x2_32 run the compiled kernels under autocast; its logits and gradients are
+    those of the same model on PyTorch's kernels, to bf16 rounding."""
+    torch.manual_seed(0)
+    fast = cct.create_model("cct_2_3x2_32").to(memory_format=torch.channels_last)
+    plain = cct.create_model("cct_2_3x2_32").to(memory_format=torch.channels_last)
+    plain.load_state_dict(fast.state_dict())
+    for layer in plain.tokenizer.convs:  # the same model on PyTorch's kernels
+        layer.conv.forward = lambda x, conv=layer.conv: F.conv2d(x, conv.weight, padding=1)
+        layer.pool.forward = lambda x: F.relu(F.max_pool2d(x, 3, 2, 1))
+    x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    logits, grads = [], []
+    for model in (fast, plain):
+        with OpsSeen() as seen, torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().logsumexp(1).mean().backward()
+        logits.append(out.float())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        fast_ops = {name for name in seen.names if name.startswith("cct.")}
+        assert fast_ops == ({"cct.winograd_conv3x3.default", "cct.maxpool3x3_relu.default"} if model is fast else set())
+    torch.testing.assert_close(logits[0], logits[1], rtol=0.05, atol=0.05)
+    assert (grads[0] - grads[1]).norm() / grads[1].norm() < 0.05
+
+
+def test_without_a_c_compiler_the_model_runs_on_pytorchs_kernels(tmp_path):
+    """A machine where nothing can be compiled gets the plain modules, not an error."""
+    script = ("import torch, cct\n"
+              "from cct.models.cpu_kernels import library\n"
+              "assert library() is None\n"
+              "m = cct.create_model('cct_2_3x2_32').eval()\n"
+              "with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):\n"
+              "    print(tuple(m(torch.randn(2, 3, 32, 32)).shape))\n")
+    env = dict(os.environ, CC=str(tmp_path / "no-such-compiler"), CCT_CACHE=str(tmp_path / "cache"))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "(2, 10)"
