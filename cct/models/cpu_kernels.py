@@ -29,7 +29,6 @@ import os
 import platform
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -83,26 +82,13 @@ def library() -> ctypes.CDLL | None:
 
 
 @torch.compiler.assume_constant_result  # so that torch.compile does not trace the build
-def _available() -> bool:
-    return library() is not None
-
-
-@functools.cache
-def _pool(threads: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(threads, thread_name_prefix="cct-winograd")
+def _usable() -> bool:
+    return torch.get_num_threads() == 1 and library() is not None
 
 
 def _run(kernel: str, tensors: tuple[torch.Tensor, ...], n: int, h: int, w: int, c: int) -> None:
-    """Run one function of cpu_kernels.c over a batch, split across torch's intra-op threads (ctypes releases the
-    GIL, so the parts run in parallel)."""
-    fn = getattr(library(), kernel)
-    args = tuple(t.data_ptr() for t in tensors)
-    parts = min(torch.get_num_threads(), n)
-    if parts == 1:
-        fn(*args, 0, n, n, h, w, c)
-        return
-    bounds = [n * i // parts for i in range(parts + 1)]
-    list(_pool(parts).map(lambda i: fn(*args, bounds[i], bounds[i + 1], n, h, w, c), range(parts)))
+    """Run one function of cpu_kernels.c over a whole batch (one thread; see `_fast_path`)."""
+    getattr(library(), kernel)(*(t.data_ptr() for t in tensors), 0, n, n, h, w, c)
 
 
 def _tiles(n: int, h: int, w: int) -> int:
@@ -198,6 +184,30 @@ def _backward(ctx, grad: torch.Tensor, _grad_tiles: torch.Tensor | None):
 _winograd_conv3x3.register_autograd(_backward, setup_context=_setup_context)
 
 
+# Images per pass without gradients: the tiles of 16 images stay in the cache between the passes (64 -> 128
+# channels at 16 x 16, 64 images, one thread: 7.7 ms in one pass, 7.0 in passes of 16, 7.3 of 8 or 32).
+_INFERENCE_CHUNK = 16
+
+
+@torch.library.custom_op("cct::winograd_conv3x3_inference", mutates_args=())
+def _winograd_conv3x3_inference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    n, _, h, w = x.shape
+    u = _filter_tiles(weight)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.empty(n, weight.shape[0], h, w, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    for start in range(0, n, _INFERENCE_CHUNK):
+        part = x[start:start + _INFERENCE_CHUNK]
+        products = torch.bmm(_input_tiles(part), u)
+        _run("winograd_output", (products, y[start:start + _INFERENCE_CHUNK]), len(part), h, w, weight.shape[0])
+    return y
+
+
+@_winograd_conv3x3_inference.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    n, _, h, w = x.shape
+    return torch.empty(n, weight.shape[0], h, w, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+
 @torch.library.custom_op("cct::maxpool3x3_relu", mutates_args=())
 def _maxpool3x3_relu(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, c, h, w = x.shape
@@ -243,10 +253,15 @@ _maxpool3x3_relu.register_autograd(_pool_backward, setup_context=_pool_setup_con
 
 
 def _fast_path(x: torch.Tensor, channels: tuple[int, ...], bf16: bool) -> bool:
-    """Whether the compiled kernels can take a 4-d input on the CPU: bf16, every channel count a multiple of 16,
-    not traced or scripted for export, and the kernels built here."""
+    """Whether the compiled kernels take a 4-d input on the CPU: bf16, every channel count a multiple of 16, one
+    intra-op thread, not traced or scripted for export, and the kernels built here.
+
+    One thread: the kernels are single-threaded, and a process of several threads (PyTorch's kernels parallelise)
+    trained slower with them, also with a batch split over Python threads: `cct bench --nproc-per-node 1`
+    (2 threads) gave 962-993 img/s against 1,215 without them. Processes of one thread each, the layout of
+    `processes: N` recipes and of `cct bench` on a CPU, are where they win."""
     return (not torch.jit.is_tracing() and not torch.jit.is_scripting() and bf16 and x.device.type == "cpu"
-            and x.dim() == 4 and all(c % 16 == 0 for c in channels) and _available())
+            and x.dim() == 4 and all(c % 16 == 0 for c in channels) and _usable())
 
 
 class Conv2d(nn.Conv2d):
@@ -261,9 +276,12 @@ class Conv2d(nn.Conv2d):
         return shape_fits and _fast_path(x, (self.in_channels, self.out_channels), bf16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._winograd_applies(x):
-            return _winograd_conv3x3(x.to(torch.bfloat16), self.weight.to(torch.bfloat16))[0]
-        return super().forward(x)
+        if not self._winograd_applies(x):
+            return super().forward(x)
+        x, weight = x.to(torch.bfloat16), self.weight.to(torch.bfloat16)
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            return _winograd_conv3x3(x, weight)[0]
+        return _winograd_conv3x3_inference(x, weight)
 
 
 class MaxPoolReLU(nn.MaxPool2d):

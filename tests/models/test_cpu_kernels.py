@@ -19,6 +19,15 @@ from cct.models.cpu_kernels import Conv2d, MaxPoolReLU, library
 needs_kernels = pytest.mark.skipif(library() is None, reason="the CPU kernels cannot be built on this machine")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The kernels serve processes of one intra-op thread (`processes: N` recipes, `cct bench`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class OpsSeen(TorchDispatchMode):
     """Records the name of every operator dispatched inside it."""
 
@@ -43,9 +52,11 @@ def _channels_last(*shape: int, generator: torch.Generator) -> torch.Tensor:
 @pytest.mark.parametrize("shape", [(4, 64, 128, 16, 16), (3, 16, 32, 7, 9), (2, 32, 16, 1, 2)])
 def test_winograd_convolution_is_pytorchs_to_bf16_rounding(shape):
     """Output, input gradient and weight gradient, each against the exact (fp64) convolution: within 4x the error
-    of PyTorch's own bf16 convolution (measured 2-3x: Winograd's tile transforms round once more)."""
+    of PyTorch's own bf16 convolution (measured 2-3x: Winograd's tile transforms round once more), or within one
+    bf16 rounding step of the largest value where PyTorch's error happens to be tiny."""
     n, c, k, h, w = shape
     gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
     conv = Conv2d(c, k, 3, 1, 1, bias=False).bfloat16()
     x = _channels_last(n, c, h, w, generator=gen).requires_grad_()
     grad = _channels_last(n, k, h, w, generator=gen)
@@ -61,10 +72,13 @@ def test_winograd_convolution_is_pytorchs_to_bf16_rounding(shape):
         assert ("cct.winograd_conv3x3.default" in seen.names) == (name == "winograd")
         x.grad = conv.weight.grad = None
     assert results["winograd"][0].is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), OpsSeen() as seen:  # without gradients: in passes of a few images, the same numbers
+        torch.testing.assert_close(conv(x), results["winograd"][0], rtol=0, atol=0)
+    assert "cct.winograd_conv3x3_inference.default" in seen.names
     exact = (F.conv2d(exact_x, exact_w, padding=1), exact_x.grad, exact_w.grad)
     for fast, slow, truth, what in zip(results["winograd"], results["pytorch"], exact, ("output", "input", "weight"),
                                        strict=True):
-        assert _relative_error(fast, truth) <= 4 * _relative_error(slow, truth), what
+        assert _relative_error(fast, truth) <= max(4 * _relative_error(slow, truth), 2**-7), what
 
 
 @needs_kernels
@@ -94,8 +108,8 @@ def test_maxpool_relu_is_pytorchs(shape):
 
 
 def test_pytorchs_kernels_where_the_fast_ones_do_not_apply():
-    """fp32, channels not a multiple of 16, other geometry, or tracing for export: the modules are exactly
-    PyTorch's (same kernels, same numbers)."""
+    """fp32, channels not a multiple of 16, other geometry, several threads, or tracing for export: the modules
+    are exactly PyTorch's (same kernels, same numbers)."""
     gen = torch.Generator().manual_seed(0)
     cases = [(Conv2d(16, 32, 3, 1, 1, bias=False), torch.randn(2, 16, 8, 8, generator=gen)),  # fp32
              (Conv2d(3, 16, 3, 1, 1, bias=False).bfloat16(), torch.randn(2, 3, 8, 8, generator=gen).bfloat16()),
@@ -106,6 +120,12 @@ def test_pytorchs_kernels_where_the_fast_ones_do_not_apply():
         assert not any(name.startswith("cct.") for name in seen.names)
         assert torch.equal(y, F.conv2d(x, conv.weight, stride=conv.stride, padding=1))
     x = torch.randn(2, 16, 8, 8, generator=gen)
+    torch.set_num_threads(2)
+    with OpsSeen() as seen:
+        MaxPoolReLU(3, 2, 1)(x.bfloat16())
+        Conv2d(16, 16, 3, 1, 1, bias=False).bfloat16()(x.bfloat16())
+    assert not any(name.startswith("cct.") for name in seen.names)
+    torch.set_num_threads(1)
     assert torch.equal(MaxPoolReLU(3, 2, 1)(x), F.relu(F.max_pool2d(x, 3, 2, 1)))
     assert torch.equal(MaxPoolReLU(2, 2, 0)(x.bfloat16()), F.relu(F.max_pool2d(x.bfloat16(), 2, 2)))
     model = cct.create_model("cct_2_3x2_32").eval().bfloat16()
