@@ -17,10 +17,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention, DropPath, Mlp, to_2tuple
+from timm.layers import DropPath, Mlp, to_2tuple
 from torch import nn
 
-from .cpu_kernels import Conv2d, MaxPoolReLU
+from .cpu_kernels import GELU, Attention, Conv2d, MaxPoolReLU
 
 POSITIONAL_EMBEDDINGS = ("learnable", "sine", "none")
 STOCHASTIC_DEPTH_MODES = ("droppath", "skip")
@@ -106,7 +106,7 @@ class EncoderBlock(nn.Module):
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=False, proj_bias=True,
                               attn_drop=attn_drop, proj_drop=drop)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=GELU, drop=drop)
         self.drop_prob = drop_path
         per_sample = stochastic_depth == "droppath" and drop_path > 0
         self.drop_path = DropPath(drop_path) if per_sample else nn.Identity()

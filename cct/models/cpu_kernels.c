@@ -119,8 +119,8 @@ void winograd_output_grad(const bf16 *restrict g, bf16 *restrict z, int64_t n0, 
 
 /* 3 x 3 max-pool, stride 2, padding 1, followed by ReLU: x [n][h][w][c] -> y [n][ceil(h/2)][ceil(w/2)][c]. The
    window position of each output's maximum is kept in arg as one byte (0-8, row-major; 255 where the output is not
-   positive and gets no gradient), instead of PyTorch's 8-byte index. As in PyTorch, the first maximum wins, and
-   NaN propagates. */
+   positive and gets no gradient), instead of PyTorch's 8-byte index; arg may be NULL (inference). As in PyTorch,
+   the first maximum wins, and NaN propagates. */
 void maxpool_relu(const bf16 *restrict x, bf16 *restrict y, uint8_t *restrict arg, int64_t n0, int64_t n1,
                   int64_t n, int64_t h, int64_t w, int64_t c) {
     (void)n;
@@ -137,7 +137,7 @@ void maxpool_relu(const bf16 *restrict x, bf16 *restrict y, uint8_t *restrict ar
                         src[3 * r + s] = inside ? x + ((b * h + ii) * w + jj) * c : 0;
                     }
                 bf16 *dst = y + ((b * oh + i) * ow + j) * c;
-                uint8_t *where = arg + ((b * oh + i) * ow + j) * c;
+                uint8_t *where = arg ? arg + ((b * oh + i) * ow + j) * c : 0;
                 for (int64_t k = 0; k < c; k += 16) {
                     __m512 best = _mm512_set1_ps(-__builtin_inff());
                     __m128i pos = _mm_set1_epi8(0);
@@ -153,7 +153,7 @@ void maxpool_relu(const bf16 *restrict x, bf16 *restrict y, uint8_t *restrict ar
                     __mmask16 positive = _mm512_cmp_ps_mask(best, zero, _CMP_NLE_UQ);
                     store(dst + k, _mm512_max_ps(zero, best));  /* NaN stays NaN */
                     __m128i none = _mm_set1_epi8((char)255);
-                    _mm_storeu_si128((__m128i *)(where + k), _mm_mask_mov_epi8(none, positive, pos));
+                    if (arg) _mm_storeu_si128((__m128i *)(where + k), _mm_mask_mov_epi8(none, positive, pos));
                 }
             }
 }
@@ -184,4 +184,41 @@ void maxpool_relu_grad(const bf16 *restrict gy, const uint8_t *restrict arg, bf1
                     store(dst + k, sum);
                 }
             }
+}
+
+/* e^x for 16 floats, Cephes' expf: 2^n times a polynomial on [-ln2/2, ln2/2] (relative error ~1e-7); NaN stays
+   NaN, and arguments are clamped to [-88, 88]. */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-88.0f), _mm512_min_ps(_mm512_set1_ps(88.0f), x));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Softmax over rows of `len` values (a multiple of 16): x [rows][len] -> y [rows][len], fp32 inside. A NaN makes
+   its row NaN, as in PyTorch. */
+void softmax_rows(const bf16 *restrict x, bf16 *restrict y, int64_t rows, int64_t len) {
+    float e[len];
+    for (int64_t i = 0; i < rows; i++) {
+        const bf16 *src = x + i * len;
+        __m512 top = _mm512_set1_ps(-__builtin_inff());
+        for (int64_t k = 0; k < len; k += 16) top = _mm512_max_ps(load(src + k), top);
+        __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(top)), sum = _mm512_setzero_ps();
+        for (int64_t k = 0; k < len; k += 16) {
+            __m512 v = exp16(_mm512_sub_ps(load(src + k), m));
+            _mm512_storeu_ps(e + k, v);
+            sum = _mm512_add_ps(sum, v);
+        }
+        __m512 scale = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+        for (int64_t k = 0; k < len; k += 16) store(y + i * len + k, _mm512_mul_ps(_mm512_loadu_ps(e + k), scale));
+    }
 }

@@ -12,12 +12,12 @@ passes around the products are memory-bound: written as PyTorch ops (eager or co
 tile transforms took all that the products saved (README, "Not kept"). `cpu_kernels.c` does each in one pass,
 compiled on first use with the system's C compiler (which inductor needs too) and cached in `$CCT_CACHE` (default
 `~/.cache/cct`). Where that cannot be done (no compiler, no AVX-512 bf16, not x86-64 Linux, channels not a multiple
-of 16, fp32, tracing for export) the modules run PyTorch's own kernels.
+of 16, fp32, several intra-op threads, tracing for export) the modules run PyTorch's own kernels.
 
 Figures (one thread, 64 images, this project's 2-core Zen 4, each against PyTorch's bf16 kernels): the 64 -> 128
 channel convolution at 16 x 16, forward + backward 25.0 against 33.2 ms; max-pool + ReLU at 32 x 32 x 64, forward +
 backward 2.2 against 5.8 ms. `cct_2_3x2_32` training step, one process of one thread: 685 -> 754 img/s with the
-convolution alone.
+convolution, 790 with both.
 """
 
 from __future__ import annotations
@@ -33,22 +33,24 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Attention as TimmAttention
 from torch import nn
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 # G of F(2x2, 3x3): a 3x3 filter becomes a 4x4 tile, G w G^T
 _G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
-# each C function: its pointer arguments, then (n0, n1, n, h, w, c)
-_KERNELS = {"winograd_input": 2, "winograd_output": 2, "winograd_output_grad": 2, "maxpool_relu": 3,
-            "maxpool_relu_grad": 3}
+# each C function: its pointer arguments, then its integer ones ((n0, n1, n, h, w, c) for the image passes)
+_KERNELS = {"winograd_input": (2, 6), "winograd_output": (2, 6), "winograd_output_grad": (2, 6),
+            "maxpool_relu": (3, 6), "maxpool_relu_grad": (3, 6), "softmax_rows": (2, 2)}
 
 
-def _cpu_has_avx512_bf16() -> bool:
+def _cpu_description() -> str:
+    """The CPU's model name and feature flags (Linux), which decide what `-march=native` builds."""
     try:
-        flags = Path("/proc/cpuinfo").read_text().split()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return False
-    return "avx512_bf16" in flags and "avx512bw" in flags
+        return ""
+    return "\n".join(dict.fromkeys(line for line in lines if line.startswith(("model name", "flags"))))
 
 
 def _cache_dir() -> Path:
@@ -57,32 +59,34 @@ def _cache_dir() -> Path:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled transforms, built once per source, compiler and machine; None where they cannot be built
-    here (then every caller falls back to PyTorch's convolution)."""
-    if platform.system() != "Linux" or platform.machine() != "x86_64" or not _cpu_has_avx512_bf16():
+    """The compiled kernels, built once per source, compiler and CPU; None where they cannot be built or loaded
+    here (then the modules run PyTorch's kernels)."""
+    cpu = _cpu_description()
+    if platform.machine() != "x86_64" or not {"avx512_bf16", "avx512bw"} <= set(cpu.split()):
         return None
     compiler = os.environ.get("CC", "cc")
     flags = ["-O3", "-march=native", "-shared", "-fPIC"]
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join([compiler, *flags, platform.node()]).encode()).hexdigest()
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join([compiler, *flags, cpu]).encode()).hexdigest()
     built = _cache_dir() / f"cpu_kernels-{key[:16]}.so"
-    if not built.exists():
-        try:
+    try:
+        if not built.exists():
             built.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=built.parent) as tmp:  # then renamed: processes may race here
                 out = Path(tmp) / built.name
                 subprocess.run([compiler, *flags, str(_SOURCE), "-o", str(out)], check=True, capture_output=True)
                 os.replace(out, built)
-        except (OSError, subprocess.CalledProcessError):
-            return None
-    lib = ctypes.CDLL(str(built))
-    for name, pointers in _KERNELS.items():
-        getattr(lib, name).argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * 6
+        lib = ctypes.CDLL(str(built))
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    for name, (pointers, integers) in _KERNELS.items():
+        getattr(lib, name).argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * integers
         getattr(lib, name).restype = None
     return lib
 
 
 @torch.compiler.assume_constant_result  # so that torch.compile does not trace the build
-def _usable() -> bool:
+def usable() -> bool:
+    """Whether the kernels run here now: built, and one intra-op thread (see `_fast_path`)."""
     return torch.get_num_threads() == 1 and library() is not None
 
 
@@ -190,22 +194,43 @@ _INFERENCE_CHUNK = 16
 
 
 @torch.library.custom_op("cct::winograd_conv3x3_inference", mutates_args=())
-def _winograd_conv3x3_inference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _winograd_conv3x3_inference(x: torch.Tensor, filter_tiles: torch.Tensor) -> torch.Tensor:
+    """The forward without gradients, from the filters' tiles (computed outside, so that a compiled model with
+    frozen weights computes them once)."""
     n, _, h, w = x.shape
-    u = _filter_tiles(weight)
+    k = filter_tiles.shape[2]
     x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.empty(n, weight.shape[0], h, w, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    y = torch.empty(n, k, h, w, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     for start in range(0, n, _INFERENCE_CHUNK):
         part = x[start:start + _INFERENCE_CHUNK]
-        products = torch.bmm(_input_tiles(part), u)
-        _run("winograd_output", (products, y[start:start + _INFERENCE_CHUNK]), len(part), h, w, weight.shape[0])
+        products = torch.bmm(_input_tiles(part), filter_tiles)
+        _run("winograd_output", (products, y[start:start + _INFERENCE_CHUNK]), len(part), h, w, k)
     return y
 
 
 @_winograd_conv3x3_inference.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _(x: torch.Tensor, filter_tiles: torch.Tensor) -> torch.Tensor:
     n, _, h, w = x.shape
-    return torch.empty(n, weight.shape[0], h, w, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    k = filter_tiles.shape[2]
+    return torch.empty(n, k, h, w, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+
+@torch.library.custom_op("cct::maxpool3x3_relu_inference", mutates_args=())
+def _maxpool3x3_relu_inference(x: torch.Tensor) -> torch.Tensor:
+    """The forward without gradients: no argmax kept."""
+    n, c, h, w = x.shape
+    y = torch.empty(n, c, (h + 1) // 2, (w + 1) // 2, dtype=x.dtype, device=x.device,
+                    memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    library().maxpool_relu(x.data_ptr(), y.data_ptr(), None, 0, n, n, h, w, c)
+    return y
+
+
+@_maxpool3x3_relu_inference.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    n, c, h, w = x.shape
+    return torch.empty(n, c, (h + 1) // 2, (w + 1) // 2, dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last)
 
 
 @torch.library.custom_op("cct::maxpool3x3_relu", mutates_args=())
@@ -261,7 +286,7 @@ def _fast_path(x: torch.Tensor, channels: tuple[int, ...], bf16: bool) -> bool:
     (2 threads) gave 962-993 img/s against 1,215 without them. Processes of one thread each, the layout of
     `processes: N` recipes and of `cct bench` on a CPU, are where they win."""
     return (not torch.jit.is_tracing() and not torch.jit.is_scripting() and bf16 and x.device.type == "cpu"
-            and x.dim() == 4 and all(c % 16 == 0 for c in channels) and _usable())
+            and x.dim() == 4 and all(c % 16 == 0 for c in channels) and usable())
 
 
 class Conv2d(nn.Conv2d):
@@ -281,7 +306,7 @@ class Conv2d(nn.Conv2d):
         x, weight = x.to(torch.bfloat16), self.weight.to(torch.bfloat16)
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
             return _winograd_conv3x3(x, weight)[0]
-        return _winograd_conv3x3_inference(x, weight)
+        return _winograd_conv3x3_inference(x, _filter_tiles(weight))
 
 
 class MaxPoolReLU(nn.MaxPool2d):
@@ -292,5 +317,67 @@ class MaxPoolReLU(nn.MaxPool2d):
         geometry = (self.kernel_size, self.stride, self.padding, self.dilation)
         if (geometry in ((3, 2, 1, 1), ((3, 3), (2, 2), (1, 1), (1, 1))) and not self.ceil_mode
                 and not self.return_indices and _fast_path(x, (x.shape[1],), x.dtype == torch.bfloat16)):
-            return _maxpool3x3_relu(x)[0]
+            training = torch.is_grad_enabled() and x.requires_grad
+            return _maxpool3x3_relu(x)[0] if training else _maxpool3x3_relu_inference(x)
         return F.relu(super().forward(x))
+
+
+@torch.library.custom_op("cct::softmax_inference", mutates_args=())
+def _softmax_inference(x: torch.Tensor) -> torch.Tensor:
+    y = torch.empty_like(x)
+    library().softmax_rows(x.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1], x.shape[-1])
+    return y
+
+
+@_softmax_inference.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("cct::gelu_inference", mutates_args=())
+def _gelu_inference(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x)
+
+
+@_gelu_inference.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _inference_fast_path(x: torch.Tensor) -> bool:
+    """Whether an elementwise or row kernel takes `x`: no gradient being recorded, bf16, contiguous, on the CPU,
+    one thread, and the kernels built here (these two have no backward: training keeps PyTorch's)."""
+    return (not torch.is_grad_enabled() and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+            and x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.is_contiguous() and usable())
+
+
+class GELU(nn.GELU):
+    """`nn.GELU`; in compiled bf16 inference on a CPU it stays PyTorch's own kernel, as an operator that inductor
+    does not generate code for: its generated GELU took 0.41 ms per 64 x 64 x 128 values (one thread), PyTorch's
+    kernel 0.23."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.approximate == "none" and torch.compiler.is_compiling() and _inference_fast_path(x):
+            return _gelu_inference(x)
+        return super().forward(x)
+
+
+class Attention(TimmAttention):
+    """timm's `Attention` (same parameters, same function); in its explicit path (`fused_attn = False`, the
+    choice on a CPU in bf16, see `cct.train.loop.configure_attention`) the softmax of bf16 inference runs in one
+    vectorised pass: PyTorch's takes ~1 ns per value at CCT's rows of 64 (0.51 ms per 64 x 2 x 64 x 64 scores,
+    one thread), about 3x this one. Only the plain attention of CCT (no masks, no q/k norms, no gate)."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        plain = (attn_mask is None and not is_causal and self.gate is None and isinstance(self.q_norm, nn.Identity)
+                 and isinstance(self.k_norm, nn.Identity) and isinstance(self.norm, nn.Identity))
+        if self.fused_attn or not plain or torch.is_grad_enabled():
+            return super().forward(x, attn_mask, is_causal)
+        batch, tokens, _ = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        scores = (q * self.scale) @ k.transpose(-2, -1)
+        fast = scores.shape[-1] % 16 == 0 and _inference_fast_path(scores)
+        weights = _softmax_inference(scores) if fast else scores.softmax(dim=-1)
+        x = (self.attn_drop(weights) @ v).transpose(1, 2).reshape(batch, tokens, self.attn_dim)
+        return self.proj_drop(self.proj(x))

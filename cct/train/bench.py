@@ -23,6 +23,7 @@ import torch
 
 from ..data.augment import normalize
 from ..models.complexity import count_macs
+from ..models.cpu_kernels import usable as cpu_kernels_usable
 from ..models.registry import VARIANTS
 from . import distributed as dist
 from .config import Config
@@ -108,6 +109,7 @@ def run_bench(cfg: Config, device: torch.device, windows: int = 5, steps_per_win
                 processes=dist.world_size(), batch_per_process=cfg.batch_size, img_size=img_size,
                 stochastic_depth=cfg.stochastic_depth, drop_path_rate=cfg.drop_path_rate,
                 auto_augment=cfg.auto_augment, compile=cfg.compile,
+                cpu_kernels=device.type == "cpu" and cfg.precision == "bf16" and cpu_kernels_usable(),
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_name()})",
                 threads=torch.get_num_threads(), torch=torch.__version__,
                 train_img_per_s=round(train_rate, 1), infer_img_per_s=round(infer_rate, 1),

@@ -103,6 +103,9 @@ def test_maxpool_relu_is_pytorchs(shape):
         assert ("cct.maxpool3x3_relu.default" in seen.names) == (forward is pool)
         x.grad = None
     assert torch.equal(outputs[0].nan_to_num(-7.0), outputs[1].nan_to_num(-7.0))
+    with torch.no_grad(), OpsSeen() as seen:  # without gradients: no argmax kept, the same output
+        assert torch.equal(pool(x).nan_to_num(-7.0), outputs[1].nan_to_num(-7.0))
+    assert "cct.maxpool3x3_relu_inference.default" in seen.names
     # gradients are O(1), so a gradient routed to the wrong place would differ by far more than this
     torch.testing.assert_close(grads[0], grads[1], rtol=1 / 64, atol=1 / 64)
 
@@ -170,3 +173,59 @@ def test_without_a_c_compiler_the_model_runs_on_pytorchs_kernels(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "(2, 10)"
+
+
+@needs_kernels
+def test_bf16_inference_of_cct_2_takes_the_fast_kernels_and_gives_pytorchs_logits():
+    """Without gradients every fast path runs (Winograd in passes, the pool without argmax, the attention's
+    softmax), and the logits are those of PyTorch's kernels (the same model with several threads) to bf16
+    rounding."""
+    torch.manual_seed(0)
+    model = cct.create_model("cct_2_3x2_32").eval().to(memory_format=torch.channels_last)
+    for block in model.blocks:
+        block.attn.fused_attn = False  # the explicit path, as on a CPU in bf16 (configure_attention)
+    x = torch.randn(32, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    logits = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), OpsSeen() as seen:
+            logits.append(model(x).float())
+        fast_ops = {name for name in seen.names if name.startswith("cct.")}
+        expected = {"cct.winograd_conv3x3_inference.default", "cct.maxpool3x3_relu_inference.default",
+                    "cct.softmax_inference.default"}
+        assert fast_ops == (expected if threads == 1 else set())
+    torch.testing.assert_close(logits[0], logits[1], rtol=0.05, atol=0.05)
+
+
+@needs_kernels
+def test_the_softmax_kernel_is_pytorchs_to_bf16_rounding():
+    """Rows of 16 to 256 scores, NaN rows included, against the exact softmax: PyTorch's own bf16 error."""
+    gen = torch.Generator().manual_seed(0)
+    from cct.models.cpu_kernels import _softmax_inference
+
+    for length in (16, 64, 256):
+        scores = (torch.randn(8, 4, 16, length, generator=gen) * 4).bfloat16()
+        scores[0, 0, 0, 3] = float("nan")
+        exact = scores.double().softmax(-1)
+        with torch.no_grad():
+            fast = _softmax_inference(scores)
+        assert torch.equal(fast.isnan(), exact.isnan())
+        ok = ~exact.isnan()
+        error = (fast.double() - exact)[ok].abs().max()
+        assert error <= (scores.softmax(-1).double() - exact)[ok].abs().max() + 2**-9
+
+
+@needs_kernels
+def test_compiled_inference_with_frozen_weights_runs_the_kernels_as_opaque_operators():
+    """`cct eval --compile` / `cct bench --set compile=true` in a process of one thread: the model compiles with
+    the kernels' operators in its graph (their shape functions hold) and gives the eager model's logits."""
+    from cct.train.loop import compile_for_inference, configure_attention
+
+    torch.manual_seed(0)
+    model = cct.create_model("cct_2_3x2_32").eval().to(memory_format=torch.channels_last)
+    configure_attention(model, torch.device("cpu"), "bf16")
+    x = torch.randn(16, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = model(x).float()
+        compiled = compile_for_inference(model)(x).float()
+    torch.testing.assert_close(compiled, eager, rtol=0.02, atol=0.02)
