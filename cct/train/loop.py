@@ -154,10 +154,15 @@ def evaluate(model: torch.nn.Module, source: BatchSource, mean, std, cfg: Config
 
 
 def gradients_finite(model: torch.nn.Module) -> bool:
-    """Whether every gradient of `model` is finite (parameters without a gradient are left out); one fused
-    max-abs over all of them."""
+    """Whether every gradient of `model` is finite (parameters without a gradient are left out). The check is
+    GradScaler's own (one fused pass, here with a scale of exactly 1): 0.035 ms for cct_2_3x2_32's gradients on
+    one thread, against 0.80 for a max-abs by `_foreach_norm`, which cost 1% of a step."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return bool(torch.stack(torch._foreach_norm(grads, math.inf)).isfinite().all()) if grads else True
+    if not grads:
+        return True
+    found = torch.zeros(1, device=grads[0].device)
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones(1, device=grads[0].device))
+    return found.item() == 0
 
 
 @dataclass
