@@ -95,6 +95,17 @@ def _run(kernel: str, tensors: tuple[torch.Tensor, ...], n: int, h: int, w: int,
     getattr(library(), kernel)(*(t.data_ptr() for t in tensors), 0, n, n, h, w, c)
 
 
+def _images(like: torch.Tensor, n: int, c: int, h: int, w: int) -> torch.Tensor:
+    """An uninitialised channels-last image batch with `like`'s dtype and device."""
+    return torch.empty(n, c, h, w, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
+
+
+def _pooled(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised output of the 3x3 / 2 / 1 pool of `x` (n, c, ceil(h / 2), ceil(w / 2))."""
+    n, c, h, w = x.shape
+    return _images(x, n, c, (h + 1) // 2, (w + 1) // 2)
+
+
 def _tiles(n: int, h: int, w: int) -> int:
     return n * ((h + 1) // 2) * ((w + 1) // 2)
 
@@ -110,7 +121,7 @@ def _input_tiles(x: torch.Tensor) -> torch.Tensor:
 def _output_from_tiles(m: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
     """(16, tiles, c) products -> A^T m A, the output (n, c, h, w) in channels-last order."""
     c = m.shape[2]
-    y = torch.empty(n, c, h, w, dtype=m.dtype, device=m.device, memory_format=torch.channels_last)
+    y = _images(m, n, c, h, w)
     _run("winograd_output", (m, y), n, h, w, c)
     return y
 
@@ -145,8 +156,7 @@ def _winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tens
 @_winograd_conv3x3.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, c, h, w = x.shape
-    y = torch.empty(n, weight.shape[0], h, w, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    return y, x.new_empty(16, _tiles(n, h, w), c)
+    return _images(x, n, weight.shape[0], h, w), x.new_empty(16, _tiles(n, h, w), c)
 
 
 @torch.library.custom_op("cct::winograd_conv3x3_backward", mutates_args=())
@@ -170,8 +180,7 @@ def _winograd_conv3x3_backward(grad: torch.Tensor, tiles: torch.Tensor, weight: 
 def _(grad: torch.Tensor, tiles: torch.Tensor, weight: torch.Tensor, input_grad: bool):
     n, _, h, w = grad.shape
     c = weight.shape[1]
-    grad_x = (torch.empty(n, c, h, w, dtype=grad.dtype, device=grad.device, memory_format=torch.channels_last)
-              if input_grad else grad.new_empty(0))
+    grad_x = _images(grad, n, c, h, w) if input_grad else grad.new_empty(0)
     return grad_x, torch.empty_like(weight)
 
 
@@ -200,7 +209,7 @@ def _winograd_conv3x3_inference(x: torch.Tensor, filter_tiles: torch.Tensor) -> 
     n, _, h, w = x.shape
     k = filter_tiles.shape[2]
     x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.empty(n, k, h, w, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    y = _images(x, n, k, h, w)
     for start in range(0, n, _INFERENCE_CHUNK):
         part = x[start:start + _INFERENCE_CHUNK]
         products = torch.bmm(_input_tiles(part), filter_tiles)
@@ -211,16 +220,14 @@ def _winograd_conv3x3_inference(x: torch.Tensor, filter_tiles: torch.Tensor) -> 
 @_winograd_conv3x3_inference.register_fake
 def _(x: torch.Tensor, filter_tiles: torch.Tensor) -> torch.Tensor:
     n, _, h, w = x.shape
-    k = filter_tiles.shape[2]
-    return torch.empty(n, k, h, w, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    return _images(x, n, filter_tiles.shape[2], h, w)
 
 
 @torch.library.custom_op("cct::maxpool3x3_relu_inference", mutates_args=())
 def _maxpool3x3_relu_inference(x: torch.Tensor) -> torch.Tensor:
     """The forward without gradients: no argmax kept."""
     n, c, h, w = x.shape
-    y = torch.empty(n, c, (h + 1) // 2, (w + 1) // 2, dtype=x.dtype, device=x.device,
-                    memory_format=torch.channels_last)
+    y = _pooled(x)
     x = x.contiguous(memory_format=torch.channels_last)
     library().maxpool_relu(x.data_ptr(), y.data_ptr(), None, 0, n, n, h, w, c)
     return y
@@ -228,16 +235,13 @@ def _maxpool3x3_relu_inference(x: torch.Tensor) -> torch.Tensor:
 
 @_maxpool3x3_relu_inference.register_fake
 def _(x: torch.Tensor) -> torch.Tensor:
-    n, c, h, w = x.shape
-    return torch.empty(n, c, (h + 1) // 2, (w + 1) // 2, dtype=x.dtype, device=x.device,
-                       memory_format=torch.channels_last)
+    return _pooled(x)
 
 
 @torch.library.custom_op("cct::maxpool3x3_relu", mutates_args=())
 def _maxpool3x3_relu(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, c, h, w = x.shape
-    y = torch.empty(n, c, (h + 1) // 2, (w + 1) // 2, dtype=x.dtype, device=x.device,
-                    memory_format=torch.channels_last)
+    y = _pooled(x)
     where = torch.empty(n, (h + 1) // 2, (w + 1) // 2, c, dtype=torch.uint8, device=x.device)
     _run("maxpool_relu", (x.contiguous(memory_format=torch.channels_last), y, where), n, h, w, c)
     return y, where
@@ -246,23 +250,20 @@ def _maxpool3x3_relu(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @_maxpool3x3_relu.register_fake
 def _(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, c, h, w = x.shape
-    y = torch.empty(n, c, (h + 1) // 2, (w + 1) // 2, dtype=x.dtype, device=x.device,
-                    memory_format=torch.channels_last)
-    return y, x.new_empty(n, (h + 1) // 2, (w + 1) // 2, c, dtype=torch.uint8)
+    return _pooled(x), x.new_empty(n, (h + 1) // 2, (w + 1) // 2, c, dtype=torch.uint8)
 
 
 @torch.library.custom_op("cct::maxpool3x3_relu_backward", mutates_args=())
 def _maxpool3x3_relu_backward(grad: torch.Tensor, where: torch.Tensor, h: int, w: int) -> torch.Tensor:
     n, c = grad.shape[:2]
-    grad_x = torch.empty(n, c, h, w, dtype=grad.dtype, device=grad.device, memory_format=torch.channels_last)
+    grad_x = _images(grad, n, c, h, w)
     _run("maxpool_relu_grad", (grad.contiguous(memory_format=torch.channels_last), where, grad_x), n, h, w, c)
     return grad_x
 
 
 @_maxpool3x3_relu_backward.register_fake
 def _(grad: torch.Tensor, where: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    n, c = grad.shape[:2]
-    return torch.empty(n, c, h, w, dtype=grad.dtype, device=grad.device, memory_format=torch.channels_last)
+    return _images(grad, *grad.shape[:2], h, w)
 
 
 def _pool_setup_context(ctx, inputs, output) -> None:
