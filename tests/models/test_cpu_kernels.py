@@ -229,3 +229,14 @@ def test_compiled_inference_with_frozen_weights_runs_the_kernels_as_opaque_opera
         eager = model(x).float()
         compiled = compile_for_inference(model)(x).float()
     torch.testing.assert_close(compiled, eager, rtol=0.02, atol=0.02)
+
+
+@needs_kernels
+def test_the_kernels_build_in_an_empty_cache(tmp_path):
+    """What a fresh machine does on first use: compile cpu_kernels.c into $CCT_CACHE and load it."""
+    script = "from cct.models.cpu_kernels import library\nprint(library() is not None)\n"
+    env = dict(os.environ, CCT_CACHE=str(tmp_path / "cache"))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"
+    assert [p.suffix for p in (tmp_path / "cache" / "kernels").iterdir()] == [".so"]  # no temporary left behind
