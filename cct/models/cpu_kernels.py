@@ -1,11 +1,13 @@
-"""Fast CPU paths for CCT's convolutional tokenizer in bf16, forward and backward, as drop-in subclasses of the
-PyTorch modules (same parameters, same state-dict keys, same function up to bf16 rounding):
+"""Fast CPU paths for CCT in bf16 (its convolutional tokenizer forward and backward), as drop-in subclasses of
+the PyTorch modules (same parameters, same state-dict keys, same function up to bf16 rounding):
 
 - `Conv2d`: a 3x3 convolution with stride 1 and padding 1 (CCT's tokenizer convolutions) by Winograd's F(2x2, 3x3)
   algorithm: 16 matrix products (`torch.bmm`) with 2.25x fewer multiplications than the direct convolution, which
   oneDNN already runs at the matmul peak. The second convolution of `cct_2_3x2_32` holds half the model's FLOPs.
 - `MaxPoolReLU`: the tokenizer's 3x3 / 2 max-pool and the ReLU after it in one pass, remembering each maximum's
   place in one byte instead of PyTorch's 8-byte index.
+- In bf16 inference only: timm's `Attention` with its softmax in one pass, and `GELU`, which keeps PyTorch's kernel
+  inside compiled graphs (faster there than the one inductor generates).
 
 Why our own code: PyTorch has no Winograd convolution on a CPU, and its max-pool with ReLU takes four passes. The
 passes around the products are memory-bound: written as PyTorch ops (eager or compiled by inductor) the Winograd
@@ -90,9 +92,10 @@ def usable() -> bool:
     return torch.get_num_threads() == 1 and library() is not None
 
 
-def _run(kernel: str, tensors: tuple[torch.Tensor, ...], n: int, h: int, w: int, c: int) -> None:
-    """Run one function of cpu_kernels.c over a whole batch (one thread; see `_fast_path`)."""
-    getattr(library(), kernel)(*(t.data_ptr() for t in tensors), 0, n, n, h, w, c)
+def _run(kernel: str, tensors: tuple[torch.Tensor | None, ...], n: int, h: int, w: int, c: int) -> None:
+    """Run one function of cpu_kernels.c over a whole batch (one thread; see `_fast_path`); None passes a null
+    pointer."""
+    getattr(library(), kernel)(*(None if t is None else t.data_ptr() for t in tensors), 0, n, n, h, w, c)
 
 
 def _images(like: torch.Tensor, n: int, c: int, h: int, w: int) -> torch.Tensor:
@@ -228,8 +231,7 @@ def _maxpool3x3_relu_inference(x: torch.Tensor) -> torch.Tensor:
     """The forward without gradients: no argmax kept."""
     n, c, h, w = x.shape
     y = _pooled(x)
-    x = x.contiguous(memory_format=torch.channels_last)
-    library().maxpool_relu(x.data_ptr(), y.data_ptr(), None, 0, n, n, h, w, c)
+    _run("maxpool_relu", (x.contiguous(memory_format=torch.channels_last), y, None), n, h, w, c)
     return y
 
 
@@ -279,7 +281,7 @@ _maxpool3x3_relu.register_autograd(_pool_backward, setup_context=_pool_setup_con
 
 
 def _fast_path(x: torch.Tensor, channels: tuple[int, ...], bf16: bool) -> bool:
-    """Whether the compiled kernels take a 4-d input on the CPU: bf16, every channel count a multiple of 16, one
+    """Whether the compiled kernels take an input on the CPU: bf16, every channel count a multiple of 16, one
     intra-op thread, not traced or scripted for export, and the kernels built here.
 
     One thread: the kernels are single-threaded, and a process of several threads (PyTorch's kernels parallelise)
@@ -287,7 +289,7 @@ def _fast_path(x: torch.Tensor, channels: tuple[int, ...], bf16: bool) -> bool:
     (2 threads) gave 962-993 img/s against 1,215 without them. Processes of one thread each, the layout of
     `processes: N` recipes and of `cct bench` on a CPU, are where they win."""
     return (not torch.jit.is_tracing() and not torch.jit.is_scripting() and bf16 and x.device.type == "cpu"
-            and x.dim() == 4 and all(c % 16 == 0 for c in channels) and usable())
+            and all(c % 16 == 0 for c in channels) and usable())
 
 
 class Conv2d(nn.Conv2d):
@@ -299,7 +301,7 @@ class Conv2d(nn.Conv2d):
                                               and torch.get_autocast_dtype("cpu") == torch.bfloat16)
         shape_fits = (self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
                       and self.dilation == (1, 1) and self.groups == 1 and self.bias is None)
-        return shape_fits and _fast_path(x, (self.in_channels, self.out_channels), bf16)
+        return shape_fits and x.dim() == 4 and _fast_path(x, (self.in_channels, self.out_channels), bf16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._winograd_applies(x):
@@ -317,7 +319,8 @@ class MaxPoolReLU(nn.MaxPool2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         geometry = (self.kernel_size, self.stride, self.padding, self.dilation)
         if (geometry in ((3, 2, 1, 1), ((3, 3), (2, 2), (1, 1), (1, 1))) and not self.ceil_mode
-                and not self.return_indices and _fast_path(x, (x.shape[1],), x.dtype == torch.bfloat16)):
+                and not self.return_indices and x.dim() == 4
+                and _fast_path(x, (x.shape[1],), x.dtype == torch.bfloat16)):
             training = torch.is_grad_enabled() and x.requires_grad
             return _maxpool3x3_relu(x)[0] if training else _maxpool3x3_relu_inference(x)
         return F.relu(super().forward(x))
@@ -348,8 +351,7 @@ def _(x: torch.Tensor) -> torch.Tensor:
 def _inference_fast_path(x: torch.Tensor) -> bool:
     """Whether an elementwise or row kernel takes `x`: no gradient being recorded, bf16, contiguous, on the CPU,
     one thread, and the kernels built here (these two have no backward: training keeps PyTorch's)."""
-    return (not torch.is_grad_enabled() and not torch.jit.is_tracing() and not torch.jit.is_scripting()
-            and x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.is_contiguous() and usable())
+    return not torch.is_grad_enabled() and x.is_contiguous() and _fast_path(x, (), x.dtype == torch.bfloat16)
 
 
 class GELU(nn.GELU):

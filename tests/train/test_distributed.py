@@ -49,14 +49,21 @@ def _steps(cfg_overrides: list[str], batch: int, rank: int, world: int) -> dict[
     return {k: v.detach().clone() for k, v in engine.model.state_dict().items()}
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _join_gloo(rank: int, world: int, port: int):
+    """Set this spawned process up as rank `rank` of `world` (one thread), through the real `dist.setup()`: gloo
+    from the environment, as torchrun gives it; returns cct's distributed module."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     from cct.train import distributed as dist
 
-    dist.setup()  # the real set-up: gloo from the environment
+    dist.setup()
     assert dist.is_distributed() and dist.rank() == rank
+    return dist
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    dist = _join_gloo(rank, world, port)
     result = {"noisy": _steps(NOISY, 16, rank, world), "exact": _steps(EXACT, 16, rank, world)}
     torch.save(result, Path(out) / f"rank{rank}.pt")
     dist.barrier()
@@ -64,14 +71,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 def _nan_on_one_rank_worker(rank: int, world: int, port: int, out: str) -> None:
     """Three steps on 2 ranks; in the second, rank 1's loss is NaN (its logits are made NaN by a hook)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    from cct.train import distributed as dist
     from cct.train.config import load_config
     from cct.train.loop import Engine
 
-    dist.setup()
+    _join_gloo(rank, world, port)
     engine = Engine(load_config("cifar10-fast", ["batch_size=4"]), 10, 32, (0.5,) * 3, (0.25,) * 3, True,
                     torch.device("cpu"))
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(rank))
