@@ -1,7 +1,9 @@
-/* The memory-bound passes of CCT's tokenizer on a CPU, for cct/models/cpu_kernels.py: the tile transforms of a
-   Winograd F(2x2, 3x3) convolution (stride 1, padding 1), whose matrix products torch.bmm does, and a 3 x 3 max-pool
-   (stride 2, padding 1) fused with the ReLU after it. All work on channels-last bf16 tensors in vectors of 16
-   channels (AVX-512 with bf16 conversions); the arithmetic is fp32. Each pass reads and writes every value once.
+/* CCT's kernels on a CPU, for cct/models/cpu_kernels.py. The memory-bound passes of its tokenizer: the tile
+   transforms of a Winograd F(2x2, 3x3) convolution (stride 1, padding 1), whose matrix products torch.bmm does, and a
+   3 x 3 max-pool (stride 2, padding 1) fused with the ReLU after it. All work on channels-last bf16 tensors in
+   vectors of 16 channels (AVX-512 with bf16 conversions); the arithmetic is fp32. Each pass reads and writes every
+   value once. And its multi-head attention, forward and backward, one head at a time in the cache, its products on
+   the AVX-512 bf16 dot-product instruction (see `attention`).
    Every function works on the images [n0, n1) of a batch of n, so that callers can split a batch across threads.
 
    Shapes: a tensor "[n][h][w][c]" is an image batch in channels-last order; "[16][t][c]" holds one row of t x c
@@ -9,6 +11,7 @@
    order (image, tile row, tile column). Channel counts are multiples of 16. */
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 typedef uint16_t bf16;
 
@@ -186,39 +189,187 @@ void maxpool_relu_grad(const bf16 *restrict gy, const uint8_t *restrict arg, bf1
             }
 }
 
-/* e^x for 16 floats, Cephes' expf: 2^n times a polynomial on [-ln2/2, ln2/2] (relative error ~1e-7); NaN stays
-   NaN, and arguments are clamped to [-88, 88]. */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(_mm512_set1_ps(-88.0f), _mm512_min_ps(_mm512_set1_ps(88.0f), x));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+/* 2^x for 16 floats: 2^round(x) times a degree-4 fit of 2^f on [-1/2, 1/2] (relative error 3e-6, far below
+   bf16's 4e-3, in half the instructions of a full-precision exp); arguments below -126 give 2^-126, NaN stays NaN. */
+static inline __m512 exp2_16(__m512 x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-126.0f), x);  /* a NaN x is the second operand: kept */
+    __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.00956052f), f, _mm512_set1_ps(0.05591712f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24024981f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69312197f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.99999917f));
     return _mm512_scalef_ps(p, n);
 }
 
-/* Softmax over rows of `len` values (a multiple of 16): x [rows][len] -> y [rows][len], fp32 inside. A NaN makes
+/* Two bf16 read or written as one 32-bit lane: the unit of the bf16 dot-product instructions. */
+typedef int32_t __attribute__((may_alias)) bf16_pair;
+
+/* One 8-row x 16w-column block of c = a . b (w = 1 or 2), in fp32 over kp pairs of the product's dimension: row
+   r's pair q of a at a + r * a_row + q * a_pair, b packed by pairs (pair q of columns j at b + q * b_pair + 2 * j). */
+static inline __attribute__((always_inline)) void block8(int w, int64_t kp, const bf16 *a, int64_t a_row,
+                                                         int64_t a_pair, const bf16 *b, int64_t b_pair, float *c,
+                                                         int64_t ldc) {
+    __m512 acc[8][2];
+    for (int r = 0; r < 8; r++)
+        for (int v = 0; v < w; v++) acc[r][v] = _mm512_setzero_ps();
+    for (int64_t q = 0; q < kp; q++) {
+        __m512bh bv[2];
+        for (int v = 0; v < w; v++) bv[v] = (__m512bh)_mm512_loadu_si512(b + q * b_pair + 32 * v);
+        for (int r = 0; r < 8; r++) {
+            __m512bh av = (__m512bh)_mm512_set1_epi32(*(const bf16_pair *)(a + r * a_row + q * a_pair));
+            for (int v = 0; v < w; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+        }
+    }
+    for (int r = 0; r < 8; r++)
+        for (int v = 0; v < w; v++) _mm512_storeu_ps(c + r * ldc + 16 * v, acc[r][v]);
+}
+
+/* c [m][n] (fp32, row stride ldc) = a [m][2 kp] . b [2 kp][n], with a read in pairs along the product's dimension
+   (pair q of row i at a + i * a_row + q * a_pair: a_row = row stride and a_pair = 2 for a row-major a, a_row = 2 and
+   a_pair = 2 m for one packed by pairs) and b packed by pairs, [kp][n][2] (see pack_row_pairs). m % 8 == 0,
+   n % 16 == 0. The blocks of 8 x 32 keep 16 accumulators in registers; b's panel of 32 columns stays in L1. */
+static void matmul(int64_t m, int64_t n, int64_t kp, const bf16 *a, int64_t a_row, int64_t a_pair, const bf16 *b,
+                   float *c, int64_t ldc) {
+    for (int64_t j = 0; j < n; j += 32)
+        for (int64_t i = 0; i < m; i += 8) {
+            const bf16 *ai = a + i * a_row;
+            if (n - j >= 32) block8(2, kp, ai, a_row, a_pair, b + 2 * j, 2 * n, c + i * ldc + j, ldc);
+            else block8(1, kp, ai, a_row, a_pair, b + 2 * j, 2 * n, c + i * ldc + j, ldc);
+        }
+}
+
+/* x [rows][cols] (row stride ld; rows even, cols % 16 == 0) -> p [rows / 2][cols][2], each pair of rows interleaved:
+   the packing of a matrix whose rows run along a product's dimension. */
+static void pack_row_pairs(const bf16 *x, int64_t ld, int64_t rows, int64_t cols, bf16 *p) {
+    static const uint16_t order[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                       8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+    const __m512i idx = _mm512_loadu_si512(order);
+    for (int64_t i = 0; i < rows; i += 2)
+        for (int64_t j = 0; j < cols; j += 16) {
+            __m512i upper = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(x + i * ld + j)));
+            __m512i lower = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(x + (i + 1) * ld + j)));
+            _mm512_storeu_si512(p + (i / 2 * cols + j) * 2, _mm512_permutex2var_epi16(upper, idx, lower));
+        }
+}
+
+/* x [rows][cols] (row stride ld, cols even) -> p [cols / 2][rows][2]: pairs of columns as the packed rows, the
+   packing of a matrix whose columns run along a product's dimension (the right operand of x . y^T). */
+static void pack_column_pairs(const bf16 *x, int64_t ld, int64_t rows, int64_t cols, bf16 *p) {
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t q = 0; q < cols / 2; q++)
+            ((bf16_pair *)p)[q * rows + i] = *(const bf16_pair *)(x + i * ld + 2 * q);
+}
+
+/* fp32 c [rows][cols] -> bf16 y (row stride ld), cols % 16 == 0. */
+static void round_rows(const float *c, int64_t rows, int64_t cols, bf16 *y, int64_t ld) {
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t j = 0; j < cols; j += 16) store(y + i * ld + j, _mm512_loadu_ps(c + i * cols + j));
+}
+
+/* Rows of softmax(scale * s): fp32 s [rows][len] (overwritten) -> bf16 p [rows][len], len % 16 == 0. A NaN makes
    its row NaN, as in PyTorch. */
-void softmax_rows(const bf16 *restrict x, bf16 *restrict y, int64_t rows, int64_t len) {
-    float e[len];
+static void softmax_rows(float *s, int64_t rows, int64_t len, float scale, bf16 *p) {
+    const float to_base2 = scale * 1.44269504088896341f;  /* e^(scale s) = 2^(scale log2(e) s) */
+    const __m512 factor = _mm512_set1_ps(to_base2);
     for (int64_t i = 0; i < rows; i++) {
-        const bf16 *src = x + i * len;
+        float *row = s + i * len;
         __m512 top = _mm512_set1_ps(-__builtin_inff());
-        for (int64_t k = 0; k < len; k += 16) top = _mm512_max_ps(load(src + k), top);
-        __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(top)), sum = _mm512_setzero_ps();
+        for (int64_t k = 0; k < len; k += 16) top = _mm512_max_ps(_mm512_loadu_ps(row + k), top);
+        __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top) * to_base2), sum = _mm512_setzero_ps();
         for (int64_t k = 0; k < len; k += 16) {
-            __m512 v = exp16(_mm512_sub_ps(load(src + k), m));
-            _mm512_storeu_ps(e + k, v);
+            __m512 v = exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(row + k), factor, shift));
+            _mm512_storeu_ps(row + k, v);
             sum = _mm512_add_ps(sum, v);
         }
-        __m512 scale = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
-        for (int64_t k = 0; k < len; k += 16) store(y + i * len + k, _mm512_mul_ps(_mm512_loadu_ps(e + k), scale));
+        __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+        for (int64_t k = 0; k < len; k += 16) store(p + i * len + k, _mm512_mul_ps(_mm512_loadu_ps(row + k), inverse));
     }
+}
+
+/* The gradient of the scores from that of the probabilities: ds = scale * p * (dp - rowsum(p * dp)), bf16 p and ds,
+   fp32 dp, all [rows][len]. */
+static void softmax_rows_grad(const bf16 *p, const float *dp, int64_t rows, int64_t len, float scale, bf16 *ds) {
+    for (int64_t i = 0; i < rows; i++) {
+        const bf16 *pi = p + i * len;
+        const float *gi = dp + i * len;
+        __m512 dot = _mm512_setzero_ps();
+        for (int64_t k = 0; k < len; k += 16) dot = _mm512_fmadd_ps(load(pi + k), _mm512_loadu_ps(gi + k), dot);
+        __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(dot)), factor = _mm512_set1_ps(scale);
+        for (int64_t k = 0; k < len; k += 16) {
+            __m512 v = _mm512_mul_ps(load(pi + k), _mm512_sub_ps(_mm512_loadu_ps(gi + k), mean));
+            store(ds + i * len + k, _mm512_mul_ps(v, factor));
+        }
+    }
+}
+
+#ifndef ATTENTION_ROWS
+#define ATTENTION_ROWS 64
+#endif
+
+/* 1 / sqrt(d) rounded once to fp32, as timm's head_dim ** -0.5 (without libm). */
+static inline float inverse_sqrt(int64_t d) {
+    __m128d x = _mm_set_sd((double)d);
+    return (float)(1.0 / _mm_cvtsd_f64(_mm_sqrt_sd(x, x)));
+}
+
+/* Multi-head self-attention, softmax(q k^T / sqrt(d)) v, of every image and head: qkv [n][t][3][heads][d] (the qkv
+   projection's output as it comes) -> out [n][t][heads][d] (the input of the output projection as it goes), keeping
+   the probabilities for the backward in probs [n][heads][t][t] (NULL in inference). The scores of one head stay in
+   the cache; the products run on the bf16 dot-product instructions with fp32 sums. t % 16 == 0, d % 16 == 0. */
+void attention(const bf16 *restrict qkv, bf16 *restrict out, bf16 *restrict probs, int64_t n0, int64_t n1,
+               int64_t n, int64_t t, int64_t heads, int64_t d) {
+    (void)n;
+    const int64_t row = 3 * heads * d, rows = ATTENTION_ROWS;
+    const float scale = inverse_sqrt(d);
+    float *s = aligned_alloc(64, rows * t * sizeof(float)), *c = aligned_alloc(64, rows * d * sizeof(float));
+    bf16 *keys = aligned_alloc(64, t * d * sizeof(bf16)), *values = aligned_alloc(64, t * d * sizeof(bf16));
+    bf16 *own = probs ? NULL : aligned_alloc(64, rows * t * sizeof(bf16));
+    for (int64_t b = n0; b < n1; b++)
+        for (int64_t h = 0; h < heads; h++) {
+            const bf16 *q = qkv + b * t * row + h * d, *k = q + heads * d, *v = q + 2 * heads * d;
+            pack_column_pairs(k, row, t, d, keys);
+            pack_row_pairs(v, row, t, d, values);
+            for (int64_t i = 0; i < t; i += rows) {  /* a block of query rows at a time, its scores in L1 */
+                const int64_t m = t - i < rows ? t - i : rows;
+                bf16 *p = probs ? probs + ((b * heads + h) * t + i) * t : own;
+                matmul(m, t, d / 2, q + i * row, row, 2, keys, s, t);  /* scores q k^T */
+                softmax_rows(s, m, t, scale, p);
+                matmul(m, d, t / 2, p, t, 2, values, c, d);  /* p v */
+                round_rows(c, m, d, out + (b * t + i) * heads * d + h * d, heads * d);
+            }
+        }
+    free(s); free(c); free(keys); free(values); free(own);
+}
+
+/* The gradient of `attention` for its input qkv [n][t][3][heads][d], from that of its output, grad [n][t][heads][d],
+   and the kept probabilities: dv = p^T g, dp = g v^T, ds = the softmax's gradient, dq = ds k, dk = ds^T q. */
+void attention_grad(const bf16 *restrict grad, const bf16 *restrict qkv, const bf16 *restrict probs,
+                    bf16 *restrict dqkv, int64_t n0, int64_t n1, int64_t n, int64_t t, int64_t heads, int64_t d) {
+    (void)n;
+    const int64_t row = 3 * heads * d, out_row = heads * d;
+    const float scale = inverse_sqrt(d);
+    float *dp = aligned_alloc(64, t * t * sizeof(float)), *c = aligned_alloc(64, t * d * sizeof(float));
+    bf16 *ds = aligned_alloc(64, t * t * sizeof(bf16)), *pairs = aligned_alloc(64, t * t * sizeof(bf16));
+    bf16 *packed = aligned_alloc(64, t * d * sizeof(bf16));
+    for (int64_t b = n0; b < n1; b++)
+        for (int64_t h = 0; h < heads; h++) {
+            const bf16 *q = qkv + b * t * row + h * d, *k = q + heads * d, *v = q + 2 * heads * d;
+            const bf16 *g = grad + b * t * out_row + h * d, *p = probs + (b * heads + h) * t * t;
+            bf16 *dq = dqkv + b * t * row + h * d, *dk = dq + heads * d, *dv = dq + 2 * heads * d;
+            pack_column_pairs(v, row, t, d, packed);
+            matmul(t, t, d / 2, g, out_row, 2, packed, dp, t);  /* dp = g v^T */
+            softmax_rows_grad(p, dp, t, t, scale, ds);
+            pack_row_pairs(k, row, t, d, packed);
+            matmul(t, d, t / 2, ds, t, 2, packed, c, d);  /* dq = ds k */
+            round_rows(c, t, d, dq, row);
+            pack_row_pairs(ds, t, t, t, pairs);  /* ds^T, read by pairs of its columns */
+            pack_row_pairs(q, row, t, d, packed);
+            matmul(t, d, t / 2, pairs, 2, 2 * t, packed, c, d);  /* dk = ds^T q */
+            round_rows(c, t, d, dk, row);
+            pack_row_pairs(p, t, t, t, pairs);
+            pack_row_pairs(g, out_row, t, d, packed);
+            matmul(t, d, t / 2, pairs, 2, 2 * t, packed, c, d);  /* dv = p^T g */
+            round_rows(c, t, d, dv, row);
+        }
+    free(dp); free(c); free(ds); free(pairs); free(packed);
 }

@@ -1,20 +1,22 @@
-"""Fast CPU paths for CCT in bf16 (its convolutional tokenizer forward and backward), as drop-in subclasses of
-the PyTorch modules (same parameters, same state-dict keys, same function up to bf16 rounding):
+"""Fast CPU paths for CCT in bf16 (its convolutional tokenizer and its attention, forward and backward), as drop-in
+subclasses of the PyTorch and timm modules (same parameters, same state-dict keys, same function up to bf16
+rounding):
 
 - `Conv2d`: a 3x3 convolution with stride 1 and padding 1 (CCT's tokenizer convolutions) by Winograd's F(2x2, 3x3)
   algorithm: 16 matrix products (`torch.bmm`) with 2.25x fewer multiplications than the direct convolution, which
   oneDNN already runs at the matmul peak. The second convolution of `cct_2_3x2_32` holds half the model's FLOPs.
 - `MaxPoolReLU`: the tokenizer's 3x3 / 2 max-pool and the ReLU after it in one pass, remembering each maximum's
   place in one byte instead of PyTorch's 8-byte index.
-- In bf16 inference only: timm's `Attention` with its softmax in one pass, and `GELU`, which keeps PyTorch's kernel
-  inside compiled graphs (faster there than the one inductor generates).
+- `Attention`: timm's, with softmax(q k^T / sqrt(d)) v of all heads as one operator, head by head in the cache.
+- In compiled bf16 inference: `GELU`, which keeps PyTorch's kernel (faster than the one inductor generates).
 
-Why our own code: PyTorch has no Winograd convolution on a CPU, and its max-pool with ReLU takes four passes. The
-passes around the products are memory-bound: written as PyTorch ops (eager or compiled by inductor) the Winograd
-tile transforms took all that the products saved (README, "Not kept"). `cpu_kernels.c` does each in one pass,
-compiled on first use with the system's C compiler (which inductor needs too) and cached in `$CCT_CACHE` (default
-`~/.cache/cct`). Where that cannot be done (no compiler, no AVX-512 bf16, not x86-64 Linux, channels not a multiple
-of 16, fp32, several intra-op threads, tracing for export) the modules run PyTorch's own kernels.
+Why our own code: PyTorch has no Winograd convolution on a CPU, its max-pool with ReLU takes four passes, and its
+attention is a chain of copies, batched products and a softmax, each a pass over memory. The passes around the
+products are memory-bound: written as PyTorch ops (eager or compiled by inductor) the Winograd tile transforms
+took all that the products saved (README, "Not kept"). `cpu_kernels.c` does each in one pass, compiled on first
+use with the system's C compiler (which inductor needs too) and cached in `$CCT_CACHE` (default `~/.cache/cct`).
+Where that cannot be done (no compiler, no AVX-512 bf16, not x86-64 Linux, channels not a multiple of 16, fp32,
+several intra-op threads, tracing for export) the modules run PyTorch's own kernels.
 
 Figures (one thread, 64 images, this project's 2-core Zen 4, each against PyTorch's bf16 kernels): the 64 -> 128
 channel convolution at 16 x 16, forward + backward 25.0 against 33.2 ms; max-pool + ReLU at 32 x 32 x 64, forward +
@@ -41,9 +43,10 @@ from torch import nn
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 # G of F(2x2, 3x3): a 3x3 filter becomes a 4x4 tile, G w G^T
 _G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
-# each C function: its pointer arguments, then its integer ones ((n0, n1, n, h, w, c) for the image passes)
+# each C function: its pointer arguments, then its integers (n0, n1, n, then three sizes: h, w, c of the image
+# passes, tokens, heads, head width of the attention)
 _KERNELS = {"winograd_input": (2, 6), "winograd_output": (2, 6), "winograd_output_grad": (2, 6),
-            "maxpool_relu": (3, 6), "maxpool_relu_grad": (3, 6), "softmax_rows": (2, 2)}
+            "maxpool_relu": (3, 6), "maxpool_relu_grad": (3, 6), "attention": (3, 6), "attention_grad": (4, 6)}
 
 
 def _cpu_description() -> str:
@@ -92,10 +95,10 @@ def usable() -> bool:
     return torch.get_num_threads() == 1 and library() is not None
 
 
-def _run(kernel: str, tensors: tuple[torch.Tensor | None, ...], n: int, h: int, w: int, c: int) -> None:
-    """Run one function of cpu_kernels.c over a whole batch (one thread; see `_fast_path`); None passes a null
-    pointer."""
-    getattr(library(), kernel)(*(None if t is None else t.data_ptr() for t in tensors), 0, n, n, h, w, c)
+def _run(kernel: str, tensors: tuple[torch.Tensor | None, ...], n: int, *sizes: int) -> None:
+    """Run one function of cpu_kernels.c over a whole batch of n (one thread; see `_fast_path`), with its three
+    sizes; None passes a null pointer."""
+    getattr(library(), kernel)(*(None if t is None else t.data_ptr() for t in tensors), 0, n, n, *sizes)
 
 
 def _images(like: torch.Tensor, n: int, c: int, h: int, w: int) -> torch.Tensor:
@@ -292,16 +295,21 @@ def _fast_path(x: torch.Tensor, channels: tuple[int, ...], bf16: bool) -> bool:
             and all(c % 16 == 0 for c in channels) and usable())
 
 
+def _computes_in_bf16(x: torch.Tensor) -> bool:
+    """Whether a layer's products on `x` run in bf16: a bf16 input, or bf16 autocast on the CPU."""
+    return x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
+                                         and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+
+
 class Conv2d(nn.Conv2d):
     """`nn.Conv2d` that runs by Winograd's algorithm where that is faster: a 3x3 convolution with stride 1, padding
     1, no bias, in bf16 (by autocast or by its input) on a CPU (see `_fast_path`)."""
 
     def _winograd_applies(self, x: torch.Tensor) -> bool:
-        bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
-                                              and torch.get_autocast_dtype("cpu") == torch.bfloat16)
         shape_fits = (self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
                       and self.dilation == (1, 1) and self.groups == 1 and self.bias is None)
-        return shape_fits and x.dim() == 4 and _fast_path(x, (self.in_channels, self.out_channels), bf16)
+        channels = (self.in_channels, self.out_channels)
+        return shape_fits and x.dim() == 4 and _fast_path(x, channels, _computes_in_bf16(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._winograd_applies(x):
@@ -326,18 +334,6 @@ class MaxPoolReLU(nn.MaxPool2d):
         return F.relu(super().forward(x))
 
 
-@torch.library.custom_op("cct::softmax_inference", mutates_args=())
-def _softmax_inference(x: torch.Tensor) -> torch.Tensor:
-    y = torch.empty_like(x)
-    library().softmax_rows(x.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1], x.shape[-1])
-    return y
-
-
-@_softmax_inference.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
 @torch.library.custom_op("cct::gelu_inference", mutates_args=())
 def _gelu_inference(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x)
@@ -349,8 +345,8 @@ def _(x: torch.Tensor) -> torch.Tensor:
 
 
 def _inference_fast_path(x: torch.Tensor) -> bool:
-    """Whether an elementwise or row kernel takes `x`: no gradient being recorded, bf16, contiguous, on the CPU,
-    one thread, and the kernels built here (these two have no backward: training keeps PyTorch's)."""
+    """Whether an elementwise kernel without a backward takes `x`: no gradient being recorded, bf16, contiguous,
+    on the CPU, one thread, and the kernels built here."""
     return not torch.is_grad_enabled() and x.is_contiguous() and _fast_path(x, (), x.dtype == torch.bfloat16)
 
 
@@ -365,22 +361,92 @@ class GELU(nn.GELU):
         return super().forward(x)
 
 
+def _attention_shapes(qkv: torch.Tensor, heads: int) -> tuple[int, int, int, int]:
+    """(images, tokens, heads, head width) of a qkv projection's output (n, t, 3 * heads * d)."""
+    n, t, width = qkv.shape
+    return n, t, heads, width // (3 * heads)
+
+
+@torch.library.custom_op("cct::attention", mutates_args=())
+def _attention(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T / sqrt(d)) v of every head, (n, t, heads * d), and the probabilities for the backward."""
+    n, t, heads, d = _attention_shapes(qkv, heads)
+    out, probs = qkv.new_empty(n, t, heads * d), qkv.new_empty(n, heads, t, t)
+    _run("attention", (qkv.contiguous(), out, probs), n, t, heads, d)
+    return out, probs
+
+
+@_attention.register_fake
+def _(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n, t, heads, d = _attention_shapes(qkv, heads)
+    return qkv.new_empty(n, t, heads * d), qkv.new_empty(n, heads, t, t)
+
+
+@torch.library.custom_op("cct::attention_backward", mutates_args=())
+def _attention_backward(grad: torch.Tensor, qkv: torch.Tensor, probs: torch.Tensor, heads: int) -> torch.Tensor:
+    grad_qkv = torch.empty_like(qkv)
+    _run("attention_grad", (grad.contiguous(), qkv, probs, grad_qkv), *_attention_shapes(qkv, heads))
+    return grad_qkv
+
+
+@_attention_backward.register_fake
+def _(grad: torch.Tensor, qkv: torch.Tensor, probs: torch.Tensor, heads: int) -> torch.Tensor:
+    return torch.empty_like(qkv)
+
+
+def _attention_setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0].contiguous(), output[1])
+    ctx.heads = inputs[1]
+    ctx.set_materialize_grads(False)  # the probabilities get no gradient: no tensor of zeros for them
+
+
+def _attention_grad(ctx, grad: torch.Tensor, _grad_probs: torch.Tensor | None):
+    qkv, probs = ctx.saved_tensors
+    return _attention_backward(grad, qkv, probs, ctx.heads), None
+
+
+_attention.register_autograd(_attention_grad, setup_context=_attention_setup_context)
+
+
+@torch.library.custom_op("cct::attention_inference", mutates_args=())
+def _attention_inference(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """The forward without gradients: no probabilities kept."""
+    n, t, heads, d = _attention_shapes(qkv, heads)
+    out = qkv.new_empty(n, t, heads * d)
+    _run("attention", (qkv.contiguous(), out, None), n, t, heads, d)
+    return out
+
+
+@_attention_inference.register_fake
+def _(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    n, t, heads, d = _attention_shapes(qkv, heads)
+    return qkv.new_empty(n, t, heads * d)
+
+
 class Attention(TimmAttention):
-    """timm's `Attention` (same parameters, same function); in its explicit path (`fused_attn = False`, the
-    choice on a CPU in bf16, see `cct.train.loop.configure_attention`) the softmax of bf16 inference runs in one
-    vectorised pass: PyTorch's takes ~1 ns per value at CCT's rows of 64 (0.51 ms per 64 x 2 x 64 x 64 scores,
-    one thread), about 3x this one. Only the plain attention of CCT (no masks, no q/k norms, no gate)."""
+    """timm's `Attention` (same parameters, same function). On a CPU in bf16 (see `_fast_path`) the heads'
+    softmax(q k^T / sqrt(d)) v runs as one operator of ours, forward and backward, from the qkv projection's output
+    as it comes to the output projection's input as it goes: no copies into and out of a head-major layout, the
+    scores of one head kept in the cache, the scale folded into the softmax, the products on the bf16 dot-product
+    instructions with fp32 sums (so slightly more exact than PyTorch's bf16 chain, which rounds the scores).
+    PyTorch's attention bmms reached ~160 GFLOP/s of this core's ~210 at `cct_7_3x1_32`'s size, and the softmax,
+    permutes and scale around them took as long again.
+    Only CCT's plain attention (no mask, no q/k norms, no gate, no attention dropout while training), with a
+    multiple of 16 tokens and of 16 channels per head; otherwise timm's code runs."""
+
+    def _kernel_applies(self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> bool:
+        plain = (attn_mask is None and not is_causal and self.gate is None and isinstance(self.q_norm, nn.Identity)
+                 and isinstance(self.k_norm, nn.Identity) and isinstance(self.norm, nn.Identity)
+                 and not (self.training and self.attn_drop.p > 0))
+        return (plain and x.dim() == 3 and x.shape[1] % 16 == 0
+                and _fast_path(x, (self.head_dim,), _computes_in_bf16(x)))
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        plain = (attn_mask is None and not is_causal and self.gate is None and isinstance(self.q_norm, nn.Identity)
-                 and isinstance(self.k_norm, nn.Identity) and isinstance(self.norm, nn.Identity))
-        if self.fused_attn or not plain or torch.is_grad_enabled():
+        if not self._kernel_applies(x, attn_mask, is_causal):
             return super().forward(x, attn_mask, is_causal)
-        batch, tokens, _ = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        scores = (q * self.scale) @ k.transpose(-2, -1)
-        fast = scores.shape[-1] % 16 == 0 and _inference_fast_path(scores)
-        weights = _softmax_inference(scores) if fast else scores.softmax(dim=-1)
-        x = (self.attn_drop(weights) @ v).transpose(1, 2).reshape(batch, tokens, self.attn_dim)
+        qkv = self.qkv(x).to(torch.bfloat16)
+        if torch.is_grad_enabled() and qkv.requires_grad:
+            x = _attention(qkv, self.num_heads)[0]
+        else:
+            x = _attention_inference(qkv, self.num_heads)
         return self.proj_drop(self.proj(x))

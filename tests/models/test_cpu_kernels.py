@@ -1,6 +1,6 @@
-"""The tokenizer's compiled CPU kernels (Winograd 3x3 convolution, fused max-pool + ReLU) against PyTorch's own, in
-bf16: the same function to bf16 rounding, forward and backward, the fast path taken where it applies and PyTorch's
-kernels everywhere else, and a machine without a C compiler still gets a working model."""
+"""The compiled CPU kernels (Winograd 3x3 convolution, fused max-pool + ReLU, multi-head attention) against
+PyTorch's own, in bf16: the same function to bf16 rounding, forward and backward, the fast path taken where it
+applies and PyTorch's kernels everywhere else, and a machine without a C compiler still gets a working model."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.layers import Attention as TimmAttention
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cct
-from cct.models.cpu_kernels import Conv2d, MaxPoolReLU, library
+from cct.models.cpu_kernels import Attention, Conv2d, MaxPoolReLU, library
 
 needs_kernels = pytest.mark.skipif(library() is None, reason="the CPU kernels cannot be built on this machine")
 
@@ -111,8 +112,8 @@ def test_maxpool_relu_is_pytorchs(shape):
 
 
 def test_pytorchs_kernels_where_the_fast_ones_do_not_apply():
-    """fp32, channels not a multiple of 16, other geometry, several threads, or tracing for export: the modules
-    are exactly PyTorch's (same kernels, same numbers)."""
+    """fp32, channels or tokens not a multiple of 16, other geometry, attention dropout in training, several
+    threads, or tracing for export: the modules are exactly PyTorch's (same kernels, same numbers)."""
     gen = torch.Generator().manual_seed(0)
     cases = [(Conv2d(16, 32, 3, 1, 1, bias=False), torch.randn(2, 16, 8, 8, generator=gen)),  # fp32
              (Conv2d(3, 16, 3, 1, 1, bias=False).bfloat16(), torch.randn(2, 3, 8, 8, generator=gen).bfloat16()),
@@ -131,6 +132,10 @@ def test_pytorchs_kernels_where_the_fast_ones_do_not_apply():
     torch.set_num_threads(1)
     assert torch.equal(MaxPoolReLU(3, 2, 1)(x), F.relu(F.max_pool2d(x, 3, 2, 1)))
     assert torch.equal(MaxPoolReLU(2, 2, 0)(x.bfloat16()), F.relu(F.max_pool2d(x.bfloat16(), 2, 2)))
+    for attention, tokens in ((Attention(64, num_heads=2).train(), 36), (Attention(64, attn_drop=0.1).train(), 64)):
+        with OpsSeen() as seen:  # tokens not a multiple of 16; attention dropout while training
+            attention.bfloat16()(torch.randn(2, tokens, 64, generator=gen).bfloat16())
+        assert not any(name.startswith("cct.") for name in seen.names)
     model = cct.create_model("cct_2_3x2_32").eval().bfloat16()
     traced = torch.jit.trace(model, torch.zeros(1, 3, 32, 32, dtype=torch.bfloat16))
     assert "cct::" not in str(traced.inlined_graph)
@@ -138,25 +143,32 @@ def test_pytorchs_kernels_where_the_fast_ones_do_not_apply():
 
 @needs_kernels
 def test_a_bf16_training_step_of_cct_2_takes_the_fast_kernels_and_learns_what_pytorchs_do():
-    """Both tokenizer layers of cct_2_3x2_32 run the compiled kernels under autocast; its logits and gradients are
-    those of the same model on PyTorch's kernels, to bf16 rounding."""
+    """Both tokenizer layers and the attention of cct_2_3x2_32 run the compiled kernels under autocast, forward and
+    backward; its logits and gradients are those of the same model on PyTorch's kernels, to bf16 rounding."""
     torch.manual_seed(0)
-    fast = cct.create_model("cct_2_3x2_32").to(memory_format=torch.channels_last)
-    plain = cct.create_model("cct_2_3x2_32").to(memory_format=torch.channels_last)
+    # without attention dropout, as the cifar10-fast recipe trains (the attention kernel has none)
+    fast = cct.create_model("cct_2_3x2_32", attn_drop_rate=0.0).to(memory_format=torch.channels_last)
+    plain = cct.create_model("cct_2_3x2_32", attn_drop_rate=0.0).to(memory_format=torch.channels_last)
     plain.load_state_dict(fast.state_dict())
     for layer in plain.tokenizer.convs:  # the same model on PyTorch's kernels
         layer.conv.forward = lambda x, conv=layer.conv: F.conv2d(x, conv.weight, padding=1)
         layer.pool.forward = lambda x: F.relu(F.max_pool2d(x, 3, 2, 1))
+    for block in plain.blocks:
+        block.attn.fused_attn = False
+        block.attn.forward = lambda x, attn=block.attn: TimmAttention.forward(attn, x)
     x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     logits, grads = [], []
     for model in (fast, plain):
-        with OpsSeen() as seen, torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(x)
-        out.float().logsumexp(1).mean().backward()
+        with OpsSeen() as seen:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x)
+            out.float().logsumexp(1).mean().backward()
         logits.append(out.float())
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
         fast_ops = {name for name in seen.names if name.startswith("cct.")}
-        assert fast_ops == ({"cct.winograd_conv3x3.default", "cct.maxpool3x3_relu.default"} if model is fast else set())
+        expected = {f"cct.{name}.default" for name in ("winograd_conv3x3", "winograd_conv3x3_backward",
+                    "maxpool3x3_relu", "maxpool3x3_relu_backward", "attention", "attention_backward")}
+        assert fast_ops == (expected if model is fast else set())
     torch.testing.assert_close(logits[0], logits[1], rtol=0.05, atol=0.05)
     assert (grads[0] - grads[1]).norm() / grads[1].norm() < 0.05
 
@@ -177,8 +189,8 @@ def test_without_a_c_compiler_the_model_runs_on_pytorchs_kernels(tmp_path):
 
 @needs_kernels
 def test_bf16_inference_of_cct_2_takes_the_fast_kernels_and_gives_pytorchs_logits():
-    """Without gradients every fast path runs (Winograd in passes, the pool without argmax, the attention's
-    softmax), and the logits are those of PyTorch's kernels (the same model with several threads) to bf16
+    """Without gradients every fast path runs (Winograd in passes, the pool without argmax, the attention without
+    its probabilities kept), and the logits are those of PyTorch's kernels (the same model with several threads) to bf16
     rounding."""
     torch.manual_seed(0)
     model = cct.create_model("cct_2_3x2_32").eval().to(memory_format=torch.channels_last)
@@ -192,27 +204,37 @@ def test_bf16_inference_of_cct_2_takes_the_fast_kernels_and_gives_pytorchs_logit
             logits.append(model(x).float())
         fast_ops = {name for name in seen.names if name.startswith("cct.")}
         expected = {"cct.winograd_conv3x3_inference.default", "cct.maxpool3x3_relu_inference.default",
-                    "cct.softmax_inference.default"}
+                    "cct.attention_inference.default"}
         assert fast_ops == (expected if threads == 1 else set())
     torch.testing.assert_close(logits[0], logits[1], rtol=0.05, atol=0.05)
 
 
 @needs_kernels
-def test_the_softmax_kernel_is_pytorchs_to_bf16_rounding():
-    """Rows of 16 to 256 scores, NaN rows included, against the exact softmax: PyTorch's own bf16 error."""
+@pytest.mark.parametrize("shape", [(4, 256, 4, 64), (3, 64, 2, 64), (2, 48, 3, 32), (2, 16, 1, 16)])
+def test_the_attention_kernel_is_pytorchs_to_bf16_rounding(shape):
+    """Output and the gradients of the input and the qkv weights, against the exact (fp64) attention: within the
+    error of PyTorch's own bf16 attention (measured about half of it: the scores are not rounded to bf16)."""
+    n, tokens, heads, head_dim = shape
     gen = torch.Generator().manual_seed(0)
-    from cct.models.cpu_kernels import _softmax_inference
-
-    for length in (16, 64, 256):
-        scores = (torch.randn(8, 4, 16, length, generator=gen) * 4).bfloat16()
-        scores[0, 0, 0, 3] = float("nan")
-        exact = scores.double().softmax(-1)
-        with torch.no_grad():
-            fast = _softmax_inference(scores)
-        assert torch.equal(fast.isnan(), exact.isnan())
-        ok = ~exact.isnan()
-        error = (fast.double() - exact)[ok].abs().max()
-        assert error <= (scores.softmax(-1).double() - exact)[ok].abs().max() + 2**-9
+    torch.manual_seed(0)
+    attention = Attention(heads * head_dim, num_heads=heads, qkv_bias=False).bfloat16()
+    attention.fused_attn = False
+    x = torch.randn(n, tokens, heads * head_dim, generator=gen).bfloat16()
+    grad = torch.randn(n, tokens, heads * head_dim, generator=gen).bfloat16()
+    results = {}
+    for name, threads, dtype in (("fast", 1, torch.bfloat16), ("pytorch", 2, torch.bfloat16),
+                                 ("exact", 1, torch.float64)):
+        torch.set_num_threads(threads)  # several threads: PyTorch's kernels
+        module = attention.to(dtype)
+        module.zero_grad()
+        inputs = x.to(dtype, copy=True).requires_grad_()
+        with OpsSeen() as seen:
+            out = module(inputs)
+            out.backward(grad.to(dtype))
+        assert ("cct.attention.default" in seen.names) == (name == "fast")
+        results[name] = (out, inputs.grad, module.qkv.weight.grad)
+    for fast, pytorch, exact in zip(results["fast"], results["pytorch"], results["exact"], strict=True):
+        assert _relative_error(fast, exact) <= _relative_error(pytorch, exact)
 
 
 @needs_kernels
