@@ -424,7 +424,8 @@ def _(qkv: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 class Attention(TimmAttention):
-    """timm's `Attention` (same parameters, same function). On a CPU in bf16 (see `_fast_path`) the heads'
+    """timm's `Attention` (same parameters, same function). In its explicit path (`fused_attn = False`, the
+    choice on a CPU in bf16: `cct.train.loop.configure_attention`) on a CPU in bf16 (see `_fast_path`), the heads'
     softmax(q k^T / sqrt(d)) v runs as one operator of ours, forward and backward, from the qkv projection's output
     as it comes to the output projection's input as it goes: no copies into and out of a head-major layout, the
     scores of one head kept in the cache, the scale folded into the softmax, the products on the bf16 dot-product
@@ -435,7 +436,8 @@ class Attention(TimmAttention):
     multiple of 16 tokens and of 16 channels per head; otherwise timm's code runs."""
 
     def _kernel_applies(self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> bool:
-        plain = (attn_mask is None and not is_causal and self.gate is None and isinstance(self.q_norm, nn.Identity)
+        plain = (not self.fused_attn and attn_mask is None and not is_causal and self.gate is None
+                 and isinstance(self.q_norm, nn.Identity)
                  and isinstance(self.k_norm, nn.Identity) and isinstance(self.norm, nn.Identity)
                  and not (self.training and self.attn_drop.p > 0))
         return (plain and x.dim() == 3 and x.shape[1] % 16 == 0

@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import cct
 from cct.models.cpu_kernels import Attention, Conv2d, MaxPoolReLU, library
+from cct.train.loop import configure_attention
 
 needs_kernels = pytest.mark.skipif(library() is None, reason="the CPU kernels cannot be built on this machine")
 
@@ -132,9 +133,12 @@ def test_pytorchs_kernels_where_the_fast_ones_do_not_apply():
     torch.set_num_threads(1)
     assert torch.equal(MaxPoolReLU(3, 2, 1)(x), F.relu(F.max_pool2d(x, 3, 2, 1)))
     assert torch.equal(MaxPoolReLU(2, 2, 0)(x.bfloat16()), F.relu(F.max_pool2d(x.bfloat16(), 2, 2)))
-    for attention, tokens in ((Attention(64, num_heads=2).train(), 36), (Attention(64, attn_drop=0.1).train(), 64)):
-        with OpsSeen() as seen:  # tokens not a multiple of 16; attention dropout while training
-            attention.bfloat16()(torch.randn(2, tokens, 64, generator=gen).bfloat16())
+    # tokens not a multiple of 16; attention dropout while training; timm's fused path (SDPA)
+    for attention, tokens, fused in ((Attention(64, num_heads=2), 36, False), (Attention(64, attn_drop=0.1), 64, False),
+                                     (Attention(64, num_heads=2), 64, True)):
+        attention.fused_attn = fused
+        with OpsSeen() as seen:
+            attention.train().bfloat16()(torch.randn(2, tokens, 64, generator=gen).bfloat16())
         assert not any(name.startswith("cct.") for name in seen.names)
     model = cct.create_model("cct_2_3x2_32").eval().bfloat16()
     traced = torch.jit.trace(model, torch.zeros(1, 3, 32, 32, dtype=torch.bfloat16))
@@ -154,8 +158,9 @@ def test_a_bf16_training_step_of_cct_2_takes_the_fast_kernels_and_learns_what_py
         layer.conv.forward = lambda x, conv=layer.conv: F.conv2d(x, conv.weight, padding=1)
         layer.pool.forward = lambda x: F.relu(F.max_pool2d(x, 3, 2, 1))
     for block in plain.blocks:
-        block.attn.fused_attn = False
         block.attn.forward = lambda x, attn=block.attn: TimmAttention.forward(attn, x)
+    for model in (fast, plain):
+        configure_attention(model, torch.device("cpu"), "bf16")  # timm's explicit path, as on a CPU in bf16
     x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     logits, grads = [], []
     for model in (fast, plain):
@@ -194,8 +199,7 @@ def test_bf16_inference_of_cct_2_takes_the_fast_kernels_and_gives_pytorchs_logit
     rounding."""
     torch.manual_seed(0)
     model = cct.create_model("cct_2_3x2_32").eval().to(memory_format=torch.channels_last)
-    for block in model.blocks:
-        block.attn.fused_attn = False  # the explicit path, as on a CPU in bf16 (configure_attention)
+    configure_attention(model, torch.device("cpu"), "bf16")
     x = torch.randn(32, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     logits = []
     for threads in (1, 2):
@@ -241,7 +245,7 @@ def test_the_attention_kernel_is_pytorchs_to_bf16_rounding(shape):
 def test_compiled_inference_with_frozen_weights_runs_the_kernels_as_opaque_operators():
     """`cct eval --compile` / `cct bench --set compile=true` in a process of one thread: the model compiles with
     the kernels' operators in its graph (their shape functions hold) and gives the eager model's logits."""
-    from cct.train.loop import compile_for_inference, configure_attention
+    from cct.train.loop import compile_for_inference
 
     torch.manual_seed(0)
     model = cct.create_model("cct_2_3x2_32").eval().to(memory_format=torch.channels_last)
