@@ -266,18 +266,25 @@ static void round_rows(const float *c, int64_t rows, int64_t cols, bf16 *y, int6
         for (int64_t j = 0; j < cols; j += 16) store(y + i * ld + j, _mm512_loadu_ps(c + i * cols + j));
 }
 
-/* Rows of softmax(scale * s): fp32 s [rows][len] (overwritten) -> bf16 p [rows][len], len % 16 == 0. A NaN makes
-   its row NaN, as in PyTorch. */
-static void softmax_rows(float *s, int64_t rows, int64_t len, float scale, bf16 *p) {
+/* Which of the 16 values from k on lie before `valid`. */
+static inline __mmask16 within(int64_t k, int64_t valid) {
+    return valid - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (valid - k)) - 1);
+}
+
+/* Rows of softmax(scale * s) over their first `valid` values: fp32 s [rows][len] (overwritten) -> bf16 p [rows][len],
+   zero after `valid` (padding keys), len % 16 == 0, len - valid < 16. A NaN makes its row NaN, as in PyTorch. */
+static void softmax_rows(float *s, int64_t rows, int64_t len, int64_t valid, float scale, bf16 *p) {
     const float to_base2 = scale * 1.44269504088896341f;  /* e^(scale s) = 2^(scale log2(e) s) */
-    const __m512 factor = _mm512_set1_ps(to_base2);
+    const __m512 factor = _mm512_set1_ps(to_base2), none = _mm512_set1_ps(-__builtin_inff());
     for (int64_t i = 0; i < rows; i++) {
         float *row = s + i * len;
-        __m512 top = _mm512_set1_ps(-__builtin_inff());
-        for (int64_t k = 0; k < len; k += 16) top = _mm512_max_ps(_mm512_loadu_ps(row + k), top);
+        __m512 top = none;
+        for (int64_t k = 0; k < len; k += 16)
+            top = _mm512_max_ps(_mm512_mask_mov_ps(none, within(k, valid), _mm512_loadu_ps(row + k)), top);
         __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top) * to_base2), sum = _mm512_setzero_ps();
         for (int64_t k = 0; k < len; k += 16) {
             __m512 v = exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(row + k), factor, shift));
+            v = _mm512_maskz_mov_ps(within(k, valid), v);
             _mm512_storeu_ps(row + k, v);
             sum = _mm512_add_ps(sum, v);
         }
@@ -302,9 +309,21 @@ static void softmax_rows_grad(const bf16 *p, const float *dp, int64_t rows, int6
     }
 }
 
-#ifndef ATTENTION_ROWS
-#define ATTENTION_ROWS 64
-#endif
+/* Query rows per block in the forward: their scores (64 x t fp32) stay in L1 or L2. */
+enum { QUERY_BLOCK = 64 };
+
+/* Rows [0, t) of one head's x (row stride ld) as a [tp][d] matrix whose rows [t, tp) are zero (the products work in
+   blocks of 16 rows): x itself where tp == t, else a copy into buf. *ld_out gets the row stride. */
+static const bf16 *padded_rows(const bf16 *x, int64_t ld, int64_t t, int64_t tp, int64_t d, bf16 *buf,
+                               int64_t *ld_out) {
+    *ld_out = tp == t ? ld : d;
+    if (tp == t) return x;
+    for (int64_t i = 0; i < tp; i++)
+        for (int64_t j = 0; j < d; j += 16)
+            _mm256_storeu_si256((__m256i *)(buf + i * d + j),
+                                i < t ? _mm256_loadu_si256((const __m256i *)(x + i * ld + j)) : _mm256_setzero_si256());
+    return buf;
+}
 
 /* 1 / sqrt(d) rounded once to fp32, as timm's head_dim ** -0.5 (without libm). */
 static inline float inverse_sqrt(int64_t d) {
@@ -314,62 +333,73 @@ static inline float inverse_sqrt(int64_t d) {
 
 /* Multi-head self-attention, softmax(q k^T / sqrt(d)) v, of every image and head: qkv [n][t][3][heads][d] (the qkv
    projection's output as it comes) -> out [n][t][heads][d] (the input of the output projection as it goes), keeping
-   the probabilities for the backward in probs [n][heads][t][t] (NULL in inference). The scores of one head stay in
-   the cache; the products run on the bf16 dot-product instructions with fp32 sums. t % 16 == 0, d % 16 == 0. */
+   the probabilities for the backward in probs [n][heads][tp][tp] (NULL in inference), tp = t rounded up to a
+   multiple of 16 (padding queries and keys are zero, and padding keys get no probability). The scores of one head
+   stay in the cache; the products run on the bf16 dot-product instructions with fp32 sums. d % 16 == 0. */
 void attention(const bf16 *restrict qkv, bf16 *restrict out, bf16 *restrict probs, int64_t n0, int64_t n1,
                int64_t n, int64_t t, int64_t heads, int64_t d) {
     (void)n;
-    const int64_t row = 3 * heads * d, rows = ATTENTION_ROWS;
+    const int64_t row = 3 * heads * d, tp = (t + 15) / 16 * 16, rows = QUERY_BLOCK;
     const float scale = inverse_sqrt(d);
-    float *s = aligned_alloc(64, rows * t * sizeof(float)), *c = aligned_alloc(64, rows * d * sizeof(float));
-    bf16 *keys = aligned_alloc(64, t * d * sizeof(bf16)), *values = aligned_alloc(64, t * d * sizeof(bf16));
-    bf16 *own = probs ? NULL : aligned_alloc(64, rows * t * sizeof(bf16));
+    float *s = aligned_alloc(64, rows * tp * sizeof(float)), *c = aligned_alloc(64, rows * d * sizeof(float));
+    bf16 *keys = aligned_alloc(64, tp * d * sizeof(bf16)), *values = aligned_alloc(64, tp * d * sizeof(bf16));
+    bf16 *padded = aligned_alloc(64, 3 * tp * d * sizeof(bf16));
+    bf16 *own = probs ? NULL : aligned_alloc(64, rows * tp * sizeof(bf16));
     for (int64_t b = n0; b < n1; b++)
         for (int64_t h = 0; h < heads; h++) {
-            const bf16 *q = qkv + b * t * row + h * d, *k = q + heads * d, *v = q + 2 * heads * d;
-            pack_column_pairs(k, row, t, d, keys);
-            pack_row_pairs(v, row, t, d, values);
-            for (int64_t i = 0; i < t; i += rows) {  /* a block of query rows at a time, its scores in L1 */
-                const int64_t m = t - i < rows ? t - i : rows;
-                bf16 *p = probs ? probs + ((b * heads + h) * t + i) * t : own;
-                matmul(m, t, d / 2, q + i * row, row, 2, keys, s, t);  /* scores q k^T */
-                softmax_rows(s, m, t, scale, p);
-                matmul(m, d, t / 2, p, t, 2, values, c, d);  /* p v */
-                round_rows(c, m, d, out + (b * t + i) * heads * d + h * d, heads * d);
+            const bf16 *head = qkv + b * t * row + h * d;
+            int64_t lq, lk, lv;
+            const bf16 *q = padded_rows(head, row, t, tp, d, padded, &lq);
+            const bf16 *k = padded_rows(head + heads * d, row, t, tp, d, padded + tp * d, &lk);
+            const bf16 *v = padded_rows(head + 2 * heads * d, row, t, tp, d, padded + 2 * tp * d, &lv);
+            pack_column_pairs(k, lk, tp, d, keys);
+            pack_row_pairs(v, lv, tp, d, values);
+            for (int64_t i = 0; i < t; i += rows) {  /* a block of query rows at a time */
+                const int64_t m = tp - i < rows ? tp - i : rows, kept = t - i < m ? t - i : m;
+                bf16 *p = probs ? probs + ((b * heads + h) * tp + i) * tp : own;
+                matmul(m, tp, d / 2, q + i * lq, lq, 2, keys, s, tp);  /* scores q k^T */
+                softmax_rows(s, m, tp, t, scale, p);
+                matmul(m, d, tp / 2, p, tp, 2, values, c, d);  /* p v */
+                round_rows(c, kept, d, out + (b * t + i) * heads * d + h * d, heads * d);
             }
         }
-    free(s); free(c); free(keys); free(values); free(own);
+    free(s); free(c); free(keys); free(values); free(padded); free(own);
 }
 
 /* The gradient of `attention` for its input qkv [n][t][3][heads][d], from that of its output, grad [n][t][heads][d],
-   and the kept probabilities: dv = p^T g, dp = g v^T, ds = the softmax's gradient, dq = ds k, dk = ds^T q. */
+   and the kept probabilities: dv = p^T g, dp = g v^T, ds = the softmax's gradient, dq = ds k, dk = ds^T q. The
+   padding queries have a zero gradient g, hence zero ds; the padding keys a zero probability, hence zero ds too. */
 void attention_grad(const bf16 *restrict grad, const bf16 *restrict qkv, const bf16 *restrict probs,
                     bf16 *restrict dqkv, int64_t n0, int64_t n1, int64_t n, int64_t t, int64_t heads, int64_t d) {
     (void)n;
-    const int64_t row = 3 * heads * d, out_row = heads * d;
+    const int64_t row = 3 * heads * d, out_row = heads * d, tp = (t + 15) / 16 * 16;
     const float scale = inverse_sqrt(d);
-    float *dp = aligned_alloc(64, t * t * sizeof(float)), *c = aligned_alloc(64, t * d * sizeof(float));
-    bf16 *ds = aligned_alloc(64, t * t * sizeof(bf16)), *pairs = aligned_alloc(64, t * t * sizeof(bf16));
-    bf16 *packed = aligned_alloc(64, t * d * sizeof(bf16));
+    float *dp = aligned_alloc(64, tp * tp * sizeof(float)), *c = aligned_alloc(64, tp * d * sizeof(float));
+    bf16 *ds = aligned_alloc(64, tp * tp * sizeof(bf16)), *pairs = aligned_alloc(64, tp * tp * sizeof(bf16));
+    bf16 *packed = aligned_alloc(64, tp * d * sizeof(bf16)), *padded = aligned_alloc(64, 4 * tp * d * sizeof(bf16));
     for (int64_t b = n0; b < n1; b++)
         for (int64_t h = 0; h < heads; h++) {
-            const bf16 *q = qkv + b * t * row + h * d, *k = q + heads * d, *v = q + 2 * heads * d;
-            const bf16 *g = grad + b * t * out_row + h * d, *p = probs + (b * heads + h) * t * t;
+            const bf16 *head = qkv + b * t * row + h * d, *p = probs + (b * heads + h) * tp * tp;
+            int64_t lq, lk, lv, lg;
+            const bf16 *q = padded_rows(head, row, t, tp, d, padded, &lq);
+            const bf16 *k = padded_rows(head + heads * d, row, t, tp, d, padded + tp * d, &lk);
+            const bf16 *v = padded_rows(head + 2 * heads * d, row, t, tp, d, padded + 2 * tp * d, &lv);
+            const bf16 *g = padded_rows(grad + b * t * out_row + h * d, out_row, t, tp, d, padded + 3 * tp * d, &lg);
             bf16 *dq = dqkv + b * t * row + h * d, *dk = dq + heads * d, *dv = dq + 2 * heads * d;
-            pack_column_pairs(v, row, t, d, packed);
-            matmul(t, t, d / 2, g, out_row, 2, packed, dp, t);  /* dp = g v^T */
-            softmax_rows_grad(p, dp, t, t, scale, ds);
-            pack_row_pairs(k, row, t, d, packed);
-            matmul(t, d, t / 2, ds, t, 2, packed, c, d);  /* dq = ds k */
+            pack_column_pairs(v, lv, tp, d, packed);
+            matmul(tp, tp, d / 2, g, lg, 2, packed, dp, tp);  /* dp = g v^T */
+            softmax_rows_grad(p, dp, tp, tp, scale, ds);
+            pack_row_pairs(k, lk, tp, d, packed);
+            matmul(tp, d, tp / 2, ds, tp, 2, packed, c, d);  /* dq = ds k */
             round_rows(c, t, d, dq, row);
-            pack_row_pairs(ds, t, t, t, pairs);  /* ds^T, read by pairs of its columns */
-            pack_row_pairs(q, row, t, d, packed);
-            matmul(t, d, t / 2, pairs, 2, 2 * t, packed, c, d);  /* dk = ds^T q */
+            pack_row_pairs(ds, tp, tp, tp, pairs);  /* ds^T, read by pairs of its columns */
+            pack_row_pairs(q, lq, tp, d, packed);
+            matmul(tp, d, tp / 2, pairs, 2, 2 * tp, packed, c, d);  /* dk = ds^T q */
             round_rows(c, t, d, dk, row);
-            pack_row_pairs(p, t, t, t, pairs);
-            pack_row_pairs(g, out_row, t, d, packed);
-            matmul(t, d, t / 2, pairs, 2, 2 * t, packed, c, d);  /* dv = p^T g */
+            pack_row_pairs(p, tp, tp, tp, pairs);
+            pack_row_pairs(g, lg, tp, d, packed);
+            matmul(tp, d, tp / 2, pairs, 2, 2 * tp, packed, c, d);  /* dv = p^T g */
             round_rows(c, t, d, dv, row);
         }
-    free(dp); free(c); free(ds); free(pairs); free(packed);
+    free(dp); free(c); free(ds); free(pairs); free(packed); free(padded);
 }

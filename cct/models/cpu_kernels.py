@@ -367,19 +367,25 @@ def _attention_shapes(qkv: torch.Tensor, heads: int) -> tuple[int, int, int, int
     return n, t, heads, width // (3 * heads)
 
 
+def _attention_outputs(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised outputs of `cct::attention`: (n, t, heads * d), and the probabilities for the backward,
+    (n, heads, tp, tp) with the tokens padded to tp, a multiple of 16, as the kernel computes them."""
+    n, t, heads, d = _attention_shapes(qkv, heads)
+    padded = -(-t // 16) * 16
+    return qkv.new_empty(n, t, heads * d), qkv.new_empty(n, heads, padded, padded)
+
+
 @torch.library.custom_op("cct::attention", mutates_args=())
 def _attention(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T / sqrt(d)) v of every head, (n, t, heads * d), and the probabilities for the backward."""
-    n, t, heads, d = _attention_shapes(qkv, heads)
-    out, probs = qkv.new_empty(n, t, heads * d), qkv.new_empty(n, heads, t, t)
-    _run("attention", (qkv.contiguous(), out, probs), n, t, heads, d)
+    out, probs = _attention_outputs(qkv, heads)
+    _run("attention", (qkv.contiguous(), out, probs), *_attention_shapes(qkv, heads))
     return out, probs
 
 
 @_attention.register_fake
 def _(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    n, t, heads, d = _attention_shapes(qkv, heads)
-    return qkv.new_empty(n, t, heads * d), qkv.new_empty(n, heads, t, t)
+    return _attention_outputs(qkv, heads)
 
 
 @torch.library.custom_op("cct::attention_backward", mutates_args=())
@@ -411,16 +417,14 @@ _attention.register_autograd(_attention_grad, setup_context=_attention_setup_con
 @torch.library.custom_op("cct::attention_inference", mutates_args=())
 def _attention_inference(qkv: torch.Tensor, heads: int) -> torch.Tensor:
     """The forward without gradients: no probabilities kept."""
-    n, t, heads, d = _attention_shapes(qkv, heads)
-    out = qkv.new_empty(n, t, heads * d)
-    _run("attention", (qkv.contiguous(), out, None), n, t, heads, d)
+    out = _attention_outputs(qkv, heads)[0]
+    _run("attention", (qkv.contiguous(), out, None), *_attention_shapes(qkv, heads))
     return out
 
 
 @_attention_inference.register_fake
 def _(qkv: torch.Tensor, heads: int) -> torch.Tensor:
-    n, t, heads, d = _attention_shapes(qkv, heads)
-    return qkv.new_empty(n, t, heads * d)
+    return _attention_outputs(qkv, heads)[0]
 
 
 class Attention(TimmAttention):
@@ -432,16 +436,15 @@ class Attention(TimmAttention):
     instructions with fp32 sums (so slightly more exact than PyTorch's bf16 chain, which rounds the scores).
     PyTorch's attention bmms reached ~160 GFLOP/s of this core's ~210 at `cct_7_3x1_32`'s size, and the softmax,
     permutes and scale around them took as long again.
-    Only CCT's plain attention (no mask, no q/k norms, no gate, no attention dropout while training), with a
-    multiple of 16 tokens and of 16 channels per head; otherwise timm's code runs."""
+    Only CCT's plain attention (no mask, no q/k norms, no gate, no attention dropout while training) with a multiple
+    of 16 channels per head; the tokens are padded to a multiple of 16 inside. Otherwise timm's code runs."""
 
     def _kernel_applies(self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> bool:
         plain = (not self.fused_attn and attn_mask is None and not is_causal and self.gate is None
                  and isinstance(self.q_norm, nn.Identity)
                  and isinstance(self.k_norm, nn.Identity) and isinstance(self.norm, nn.Identity)
                  and not (self.training and self.attn_drop.p > 0))
-        return (plain and x.dim() == 3 and x.shape[1] % 16 == 0
-                and _fast_path(x, (self.head_dim,), _computes_in_bf16(x)))
+        return plain and x.dim() == 3 and _fast_path(x, (self.head_dim,), _computes_in_bf16(x))
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         if not self._kernel_applies(x, attn_mask, is_causal):
