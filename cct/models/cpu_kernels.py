@@ -367,25 +367,31 @@ def _attention_shapes(qkv: torch.Tensor, heads: int) -> tuple[int, int, int, int
     return n, t, heads, width // (3 * heads)
 
 
-def _attention_outputs(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uninitialised outputs of `cct::attention`: (n, t, heads * d), and the probabilities for the backward,
-    (n, heads, tp, tp) with the tokens padded to tp, a multiple of 16, as the kernel computes them."""
+def _attention_output(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """An uninitialised output of `cct::attention`, (n, t, heads * d)."""
     n, t, heads, d = _attention_shapes(qkv, heads)
+    return qkv.new_empty(n, t, heads * d)
+
+
+def _attention_probs(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """Uninitialised probabilities kept for the backward, (n, heads, tp, tp), with the tokens padded to tp, a
+    multiple of 16, as the kernel computes them."""
+    n, t, heads, _ = _attention_shapes(qkv, heads)
     padded = -(-t // 16) * 16
-    return qkv.new_empty(n, t, heads * d), qkv.new_empty(n, heads, padded, padded)
+    return qkv.new_empty(n, heads, padded, padded)
 
 
 @torch.library.custom_op("cct::attention", mutates_args=())
 def _attention(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T / sqrt(d)) v of every head, (n, t, heads * d), and the probabilities for the backward."""
-    out, probs = _attention_outputs(qkv, heads)
+    out, probs = _attention_output(qkv, heads), _attention_probs(qkv, heads)
     _run("attention", (qkv.contiguous(), out, probs), *_attention_shapes(qkv, heads))
     return out, probs
 
 
 @_attention.register_fake
 def _(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _attention_outputs(qkv, heads)
+    return _attention_output(qkv, heads), _attention_probs(qkv, heads)
 
 
 @torch.library.custom_op("cct::attention_backward", mutates_args=())
@@ -417,14 +423,14 @@ _attention.register_autograd(_attention_grad, setup_context=_attention_setup_con
 @torch.library.custom_op("cct::attention_inference", mutates_args=())
 def _attention_inference(qkv: torch.Tensor, heads: int) -> torch.Tensor:
     """The forward without gradients: no probabilities kept."""
-    out = _attention_outputs(qkv, heads)[0]
+    out = _attention_output(qkv, heads)
     _run("attention", (qkv.contiguous(), out, None), *_attention_shapes(qkv, heads))
     return out
 
 
 @_attention_inference.register_fake
 def _(qkv: torch.Tensor, heads: int) -> torch.Tensor:
-    return _attention_outputs(qkv, heads)[0]
+    return _attention_output(qkv, heads)
 
 
 class Attention(TimmAttention):
