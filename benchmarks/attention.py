@@ -3,7 +3,8 @@
 Part 1, attention (training img/s at `--batch-size`, inference img/s at `--infer-batch-size`, bf16 autocast):
 
 * explicit: timm's explicit path (q @ k^T, softmax, @ v; `fused_attn = False`), which is what the library uses
-  on a CPU in bf16 (`configure_attention` in cct/train/loop.py), in training and inference;
+  on a CPU in bf16 (`configure_attention` in cct/train/loop.py), in training and inference; with `--threads 1`
+  that path runs the library's C attention operator (cct/models/cpu_kernels.py), shown as "cct op";
 * sdpa default: F.scaled_dot_product_attention with PyTorch's own backend choice (on CPU the fused flash kernel);
 * sdpa math: the same call restricted to `sdpa_kernel([SDPBackend.MATH])`.
 
@@ -121,7 +122,10 @@ def attention_ops(run: Callable[[], None]) -> list[str]:
 
 
 def kernel_kind(ops: list[str]) -> str:
-    """'flash', 'math' or 'explicit': which attention implementation a list of profiled op names shows."""
+    """'flash', 'math', 'cct op' (the library's C operator, which the explicit path runs in a process of one
+    thread) or 'explicit': which attention implementation a list of profiled op names shows."""
+    if any(o.startswith("cct::attention") for o in ops):
+        return "cct op"
     if any("flash_attention" in o for o in ops):
         return "flash"
     if any("attention_math" in o for o in ops):
