@@ -78,8 +78,8 @@ def configure_attention(model: torch.nn.Module, device: torch.device, precision:
     """Pick the attention implementation for a device and precision. On a CPU in bf16 the explicit product
     (q @ k^T, softmax, @ v: timm's `fused_attn=False` path) is much faster than every fused SDPA kernel at CCT's
     sizes, in training and inference; elsewhere SDPA with PyTorch's own kernel choice is kept (figures:
-    `benchmarks/attention.py`, results in benchmarks/results/attention/). Where the C operator of
-    `cpu_kernels.Attention` applies (one thread, token counts in multiples of 16) it runs instead of either."""
+    `benchmarks/attention.py`, results in benchmarks/results/attention/). In a process of one thread the explicit
+    path runs the C operator of `cpu_kernels.Attention` where it applies (head widths in multiples of 16)."""
     explicit = device.type == "cpu" and precision == "bf16"
     for module in model.modules():
         if isinstance(module, Attention):
