@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import cct
 from cct.models.cpu_kernels import Attention, Conv2d, MaxPoolReLU, library
-from cct.train.loop import configure_attention
+from cct.train.loop import compile_for_inference, configure_attention
 
 needs_kernels = pytest.mark.skipif(library() is None, reason="the CPU kernels cannot be built on this machine")
 
@@ -248,8 +248,6 @@ def test_the_attention_kernel_is_pytorchs_to_bf16_rounding(shape):
 def test_compiled_inference_with_frozen_weights_runs_the_kernels_as_opaque_operators():
     """`cct eval --compile` / `cct bench --set compile=true` in a process of one thread: the model compiles with
     the kernels' operators in its graph (their shape functions hold) and gives the eager model's logits."""
-    from cct.train.loop import compile_for_inference
-
     torch.manual_seed(0)
     model = cct.create_model("cct_2_3x2_32").eval().to(memory_format=torch.channels_last)
     configure_attention(model, torch.device("cpu"), "bf16")

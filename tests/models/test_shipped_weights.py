@@ -22,15 +22,20 @@ def test_shipped_weights_reproduce_their_record(key, data_root, capsys):
     with torch.no_grad():
         assert torch.equal(via_timm(x), model(x))
     name, tag = key.split(".")
-    # no --flip: cct eval evaluates as the record says the run did (test-time flip for cifar10_fast)
-    assert main(["eval", "--model", name, "--pretrained", tag, "--data-dir", str(data_root), "--json"]) == 0
+    # no --flip: cct eval evaluates as the record says the run did (test-time flip for cifar10_fast); in one
+    # thread, as the recipes' processes train and evaluate on a CPU, so on the same (C) kernels
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["eval", "--model", name, "--pretrained", tag, "--data-dir", str(data_root), "--json"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     report = json.loads(capsys.readouterr().out)
     assert report["images"] == 10_000
     # bf16 evaluation: a different attention kernel or batch split than at training time moves a few borderline
-    # images (the keras weights: 83.40% recorded with SDPA, 83.38% with the explicit attention; the cifar10_fast
-    # weights: 80.77% recorded with the C attention operator of one-thread processes, and so in `cct eval` with
-    # OMP_NUM_THREADS=1, 80.84% with PyTorch's kernels in this process of several threads)
-    assert report["top1"] == pytest.approx(record["final_top1"], abs=0.1)
+    # images (the keras weights: 83.40% recorded with SDPA, 83.37% on the C attention operator; the cifar10_fast
+    # weights: 80.77% recorded and reproduced on the C kernels, 80.84% on PyTorch's in a process of 2 threads)
+    assert report["top1"] == pytest.approx(record["final_top1"], abs=0.05)
 
 
 def test_default_pretrained_is_the_keras_example_model():
