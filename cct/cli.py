@@ -285,9 +285,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
                                                                    summary.get("test_time_flip", False)))
     cfg = Config(precision=args.precision, eval_batch_size=args.batch_size, test_time_flip=flip)
     configure_for_device(model, device, cfg.precision)
-    if args.compile:
-        model = compile_for_inference(model)
-    result = evaluate(model, BatchSource(data, device, args.workers), meta["mean"], meta["std"], cfg, device,
+    runner = compile_for_inference(model) if args.compile else model
+    result = evaluate(runner, BatchSource(data, device, args.workers), meta["mean"], meta["std"], cfg, device,
                       model.num_classes)
     confusion = result.pop("confusion")
     report = dict(model=meta["model"], checkpoint=str(args.checkpoint), dataset=dataset, split=split,

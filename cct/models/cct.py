@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, to_2tuple
 from torch import nn
 
-from .cpu_kernels import GELU, Attention, Conv2d, MaxPoolReLU
+from .cpu_kernels import Attention, Conv2d, MaxPoolReLU, TokenizerLayer
 
 POSITIONAL_EMBEDDINGS = ("learnable", "sine", "none")
 STOCHASTIC_DEPTH_MODES = ("droppath", "skip")
@@ -53,7 +53,7 @@ class ConvTokenizer(nn.Module):
         # (in one pass on a CPU in bf16, see cpu_kernels.py).
         pool = (MaxPoolReLU if activation else nn.MaxPool2d) if max_pool else None
         self.convs = nn.Sequential(*(
-            nn.Sequential(OrderedDict(
+            TokenizerLayer(OrderedDict(
                 conv=Conv2d(c_in, c_out, kernel_size, stride, padding, bias=conv_bias),
                 pool=pool(pool_kernel, pool_stride, pool_padding) if pool else nn.Identity(),
                 act=nn.ReLU(inplace=True) if activation and not max_pool else nn.Identity(),
@@ -106,7 +106,7 @@ class EncoderBlock(nn.Module):
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=False, proj_bias=True,
                               attn_drop=attn_drop, proj_drop=drop)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=GELU, drop=drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
         self.drop_prob = drop_path
         per_sample = stochastic_depth == "droppath" and drop_path > 0
         self.drop_path = DropPath(drop_path) if per_sample else nn.Identity()

@@ -2,13 +2,15 @@
 subclasses of the PyTorch and timm modules (same parameters, same state-dict keys, same function up to bf16
 rounding):
 
-- `Conv2d`: a 3x3 convolution with stride 1 and padding 1 (CCT's tokenizer convolutions) by Winograd's F(2x2, 3x3)
-  algorithm: 16 matrix products (`torch.bmm`) with 2.25x fewer multiplications than the direct convolution, which
-  oneDNN already runs at the matmul peak. The second convolution of `cct_2_3x2_32` holds half the model's FLOPs.
+- `Conv2d`: a 3x3 convolution with stride 1 and padding 1 (CCT's tokenizer convolutions) by Winograd's algorithm,
+  whose matrix products (`torch.bmm`) oneDNN runs at the matmul peak: F(2x2, 3x3) in training (16 products, 2.25x
+  fewer multiplications than the direct convolution), F(4x4, 3x3) in inference (36 products per 16 outputs, 4x
+  fewer; its bf16 error is larger, see `winograd4_input` in cpu_kernels.c). The second convolution of
+  `cct_2_3x2_32` holds half the model's FLOPs.
 - `MaxPoolReLU`: the tokenizer's 3x3 / 2 max-pool and the ReLU after it in one pass, remembering each maximum's
   place in one byte instead of PyTorch's 8-byte index.
+- `TokenizerLayer`: in inference, the first convolution of an RGB image and its pool in one pass per image.
 - `Attention`: timm's, with softmax(q k^T / sqrt(d)) v of all heads as one operator, head by head in the cache.
-- In compiled bf16 inference: `GELU`, which keeps PyTorch's kernel (faster than the one inductor generates).
 
 Why our own code: PyTorch has no Winograd convolution on a CPU, its max-pool with ReLU takes four passes, and its
 attention is a chain of copies, batched products and a softmax, each a pass over memory. The passes around the
@@ -43,11 +45,25 @@ from torch import nn
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 # G of F(2x2, 3x3): a 3x3 filter becomes a 4x4 tile, G w G^T
-_G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+# G of inference's F(4x4, 3x3), for the points of BT4 and AT4 in cpu_kernels.c: a 3x3 filter becomes a 6x6 tile
+_G4 = ((1.0, 0.0, 0.0), (1 / 3, 1 / 3, 1 / 3), (-1 / 3, 1 / 3, -1 / 3), (-16 / 15, -8 / 15, -4 / 15),
+       (1 / 15, -2 / 15, 4 / 15), (0.0, 0.0, 1.0))
+
+
+@torch.compiler.assume_constant_result
+def _matrix(values: tuple[tuple[float, ...], ...]) -> torch.Tensor:
+    """A transform matrix as an fp32 tensor; torch.compile takes it as a constant, so that inductor's freezing folds
+    the filters' tiles with the weights (a tensor that it computes, or a global one, would be recomputed per call)."""
+    return torch.tensor(values)
+
+
 # each C function: its pointer arguments, then its integers (n0, n1, n, then three sizes: h, w, c of the image
 # passes, tokens, heads, head width of the attention)
 _KERNELS = {"winograd_input": (2, 6), "winograd_output": (2, 6), "winograd_output_grad": (2, 6),
-            "maxpool_relu": (3, 6), "maxpool_relu_grad": (3, 6), "attention": (3, 6), "attention_grad": (4, 6)}
+            "winograd4_input": (2, 6), "winograd4_output": (2, 6),
+            "maxpool_relu": (3, 6), "maxpool_relu_grad": (3, 6), "attention": (3, 6), "attention_grad": (4, 6),
+            "conv3x3_pool_relu": (3, 7)}
 
 
 def _cpu_description() -> str:
@@ -97,8 +113,8 @@ def usable() -> bool:
 
 
 def _run(kernel: str, tensors: tuple[torch.Tensor | None, ...], n: int, *sizes: int) -> None:
-    """Run one function of cpu_kernels.c over a whole batch of n (one thread; see `_fast_path`), with its three
-    sizes; None passes a null pointer."""
+    """Run one function of cpu_kernels.c over a whole batch of n (one thread; see `_fast_path`), with its sizes;
+    None passes a null pointer."""
     getattr(library(), kernel)(*(None if t is None else t.data_ptr() for t in tensors), 0, n, n, *sizes)
 
 
@@ -141,11 +157,11 @@ def _sandwich(m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (m @ a.transpose(0, 1).reshape(q, -1)).view(p, p, -1).transpose(0, 1)  # columns: (p, p, n)
 
 
-def _filter_tiles(weight: torch.Tensor) -> torch.Tensor:
-    """(k, c, 3, 3) filters -> G w G^T, (16, c, k), in the weight's dtype."""
+def _filter_tiles(weight: torch.Tensor, g: tuple[tuple[float, ...], ...] = _G) -> torch.Tensor:
+    """(k, c, 3, 3) filters -> G w G^T, (p * p, c, k) for G of p rows, in the weight's dtype."""
     k, c = weight.shape[:2]
     t = weight.float().permute(2, 3, 1, 0).reshape(3, 3, c * k)
-    return _sandwich(_G.to(weight.device), t).reshape(16, c, k).to(weight.dtype)
+    return _sandwich(_matrix(g).to(weight.device), t).reshape(-1, c, k).to(weight.dtype)
 
 
 def _convolve(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +195,7 @@ def _winograd_conv3x3_backward(grad: torch.Tensor, tiles: torch.Tensor, weight: 
     z = grad.new_empty(16, _tiles(n, h, w), k)
     _run("winograd_output_grad", (grad, z), n, h, w, k)
     grad_u = torch.bmm(tiles.transpose(1, 2), z).float().view(4, 4, -1)  # (4, 4, c * k)
-    grad_w = _sandwich(_G.to(grad.device).T, grad_u).reshape(3, 3, -1, k).permute(3, 2, 0, 1)
+    grad_w = _sandwich(_matrix(_G).to(grad.device).T, grad_u).reshape(3, 3, -1, k).permute(3, 2, 0, 1)
     return grad_x, grad_w.to(weight.dtype).contiguous()
 
 
@@ -204,23 +220,25 @@ def _backward(ctx, grad: torch.Tensor, _grad_tiles: torch.Tensor | None):
 _winograd_conv3x3.register_autograd(_backward, setup_context=_setup_context)
 
 
-# Images per pass without gradients: the tiles of 16 images stay in the cache between the passes (64 -> 128
-# channels at 16 x 16, 64 images, one thread: 7.7 ms in one pass, 7.0 in passes of 16, 7.3 of 8 or 32).
+# Images per pass without gradients: the tiles of a few images stay in the cache between the passes (64 -> 128
+# channels at 16 x 16, 64 images, one thread: 5.0 ms in passes of 16, 5.2 in one pass or passes of 8 or 32).
 _INFERENCE_CHUNK = 16
 
 
 @torch.library.custom_op("cct::winograd_conv3x3_inference", mutates_args=())
 def _winograd_conv3x3_inference(x: torch.Tensor, filter_tiles: torch.Tensor) -> torch.Tensor:
-    """The forward without gradients, from the filters' tiles (computed outside, so that a compiled model with
-    frozen weights computes them once)."""
-    n, _, h, w = x.shape
+    """The forward without gradients, by F(4x4, 3x3), from the filters' tiles (computed outside, so that a compiled
+    model with frozen weights computes them once)."""
+    n, c, h, w = x.shape
     k = filter_tiles.shape[2]
     x = x.contiguous(memory_format=torch.channels_last)
     y = _images(x, n, k, h, w)
     for start in range(0, n, _INFERENCE_CHUNK):
         part = x[start:start + _INFERENCE_CHUNK]
-        products = torch.bmm(_input_tiles(part), filter_tiles)
-        _run("winograd_output", (products, y[start:start + _INFERENCE_CHUNK]), len(part), h, w, k)
+        tiles = x.new_empty(36, len(part) * ((h + 3) // 4) * ((w + 3) // 4), c)
+        _run("winograd4_input", (part, tiles), len(part), h, w, c)
+        _run("winograd4_output", (torch.bmm(tiles, filter_tiles), y[start:start + _INFERENCE_CHUNK]), len(part), h, w,
+             k)
     return y
 
 
@@ -306,11 +324,14 @@ class Conv2d(nn.Conv2d):
     """`nn.Conv2d` that runs by Winograd's algorithm where that is faster: a 3x3 convolution with stride 1, padding
     1, no bias, in bf16 (by autocast or by its input) on a CPU (see `_fast_path`)."""
 
+    def is_3x3_same(self) -> bool:
+        """A 3x3 convolution with stride 1, padding 1 and no bias, the shape of the kernels here."""
+        return (self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
+                and self.dilation == (1, 1) and self.groups == 1 and self.bias is None)
+
     def _winograd_applies(self, x: torch.Tensor) -> bool:
-        shape_fits = (self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
-                      and self.dilation == (1, 1) and self.groups == 1 and self.bias is None)
         channels = (self.in_channels, self.out_channels)
-        return shape_fits and x.dim() == 4 and _fast_path(x, channels, _computes_in_bf16(x))
+        return self.is_3x3_same() and x.dim() == 4 and _fast_path(x, channels, _computes_in_bf16(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._winograd_applies(x):
@@ -318,48 +339,73 @@ class Conv2d(nn.Conv2d):
         x, weight = x.to(torch.bfloat16), self.weight.to(torch.bfloat16)
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
             return _winograd_conv3x3(x, weight)[0]
-        return _winograd_conv3x3_inference(x, _filter_tiles(weight))
+        with torch.autocast(x.device.type, enabled=False):  # G4's thirds and fifteenths are not exact in bf16
+            filter_tiles = _filter_tiles(weight, _G4)
+        return _winograd_conv3x3_inference(x, filter_tiles)
 
 
 class MaxPoolReLU(nn.MaxPool2d):
     """A max-pool followed by ReLU (`relu(max_pool2d(x))`), in one pass for the tokenizer's 3x3 / 2 / 1 pool on
     bf16 input on a CPU (see `_fast_path`); an `nn.MaxPool2d`, so its geometry reads as usual."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def is_3x3_half(self) -> bool:
+        """The 3x3 / 2 / 1 pool of the kernels here."""
         geometry = (self.kernel_size, self.stride, self.padding, self.dilation)
-        if (geometry in ((3, 2, 1, 1), ((3, 3), (2, 2), (1, 1), (1, 1))) and not self.ceil_mode
-                and not self.return_indices and x.dim() == 4
-                and _fast_path(x, (x.shape[1],), x.dtype == torch.bfloat16)):
+        return (geometry in ((3, 2, 1, 1), ((3, 3), (2, 2), (1, 1), (1, 1))) and not self.ceil_mode
+                and not self.return_indices)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_3x3_half() and x.dim() == 4 and _fast_path(x, (x.shape[1],), x.dtype == torch.bfloat16):
             training = torch.is_grad_enabled() and x.requires_grad
             return _maxpool3x3_relu(x)[0] if training else _maxpool3x3_relu_inference(x)
         return F.relu(super().forward(x))
 
 
-@torch.library.custom_op("cct::gelu_inference", mutates_args=())
-def _gelu_inference(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x)
+def _packed_filters(weight: torch.Tensor) -> torch.Tensor:
+    """(k, c, 3, 3) filters -> the pairs that conv3x3_pool_relu reads, (kp, k, 2): each filter's values in the
+    order of a neighbourhood's row (filter row, column, channel), with a zero at the end where they are odd."""
+    k = weight.shape[0]
+    rows = weight.permute(0, 2, 3, 1).reshape(k, -1)
+    rows = F.pad(rows, (0, rows.shape[1] % 2))
+    return rows.view(k, -1, 2).transpose(0, 1).contiguous()
 
 
-@_gelu_inference.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
+@torch.library.custom_op("cct::conv3x3_pool_relu_inference", mutates_args=())
+def _conv3x3_pool_relu_inference(x: torch.Tensor, packed_filters: torch.Tensor) -> torch.Tensor:
+    """relu(max_pool2d(conv2d(x, w, padding=1), 3, 2, 1)) without gradients, from `_packed_filters(w)` (computed
+    outside, so that a compiled model with frozen weights computes them once)."""
+    n, c, h, w = x.shape
+    k = packed_filters.shape[1]
+    y = _images(x, n, k, (h + 1) // 2, (w + 1) // 2)
+    _run("conv3x3_pool_relu", (x.contiguous(memory_format=torch.channels_last), packed_filters, y), n, h, w, c, k)
+    return y
 
 
-def _inference_fast_path(x: torch.Tensor) -> bool:
-    """Whether an elementwise kernel without a backward takes `x`: no gradient being recorded, bf16, contiguous,
-    on the CPU, one thread, and the kernels built here."""
-    return not torch.is_grad_enabled() and x.is_contiguous() and _fast_path(x, (), x.dtype == torch.bfloat16)
+@_conv3x3_pool_relu_inference.register_fake
+def _(x: torch.Tensor, packed_filters: torch.Tensor) -> torch.Tensor:
+    n, _, h, w = x.shape
+    return _images(x, n, packed_filters.shape[1], (h + 1) // 2, (w + 1) // 2)
 
 
-class GELU(nn.GELU):
-    """`nn.GELU`; in compiled bf16 inference on a CPU it stays PyTorch's own kernel, as an operator that inductor
-    does not generate code for: its generated GELU took 0.41 ms per 64 x 64 x 128 values (one thread), PyTorch's
-    kernel 0.23."""
+class TokenizerLayer(nn.Sequential):
+    """One layer of a convolutional tokenizer: `conv`, `pool`, `act` in sequence (an `nn.Sequential`, so its
+    state-dict keys are those of its parts). In inference on a CPU in bf16, a first layer of an RGB image (3x3
+    `Conv2d` with stride 1, then the `MaxPoolReLU`) runs as one pass per image, whose convolution output stays in
+    the cache for the pool: `cct_2_3x2_32`'s, 64 images, one thread: 2.3 against 3.1-3.3 ms (oneDNN's convolution
+    of the whole batch, then the pool)."""
+
+    def _fused_applies(self, x: torch.Tensor) -> bool:
+        conv, pool = self.conv, self.pool
+        return (isinstance(conv, Conv2d) and conv.is_3x3_same() and 3 * conv.in_channels <= 16
+                and isinstance(pool, MaxPoolReLU) and pool.is_3x3_half() and isinstance(self.act, nn.Identity)
+                and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
+                and x.dim() == 4 and _fast_path(x, (conv.out_channels,), _computes_in_bf16(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.approximate == "none" and torch.compiler.is_compiling() and _inference_fast_path(x):
-            return _gelu_inference(x)
-        return super().forward(x)
+        if not self._fused_applies(x):
+            return super().forward(x)
+        weight = _packed_filters(self.conv.weight.to(torch.bfloat16))
+        return _conv3x3_pool_relu_inference(x.to(torch.bfloat16), weight)
 
 
 def _attention_shapes(qkv: torch.Tensor, heads: int) -> tuple[int, int, int, int]:
