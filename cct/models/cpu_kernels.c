@@ -1,14 +1,14 @@
 /* CCT's kernels on a CPU, for cct/models/cpu_kernels.py. The memory-bound passes of its tokenizer: the tile
-   transforms of Winograd F(2x2, 3x3) and F(4x4, 3x3) convolutions (stride 1, padding 1), whose matrix products
-   torch.bmm does, a 3 x 3 max-pool (stride 2, padding 1) fused with the ReLU after it, and in inference the first
-   convolution of an RGB image with its pool. All work on channels-last bf16 tensors in
-   vectors of 16 channels (AVX-512 with bf16 conversions); the arithmetic is fp32. Each pass reads and writes every
-   value once. And its multi-head attention, forward and backward, one head at a time in the cache, its products on
-   the AVX-512 bf16 dot-product instruction (see `attention`).
+   transforms of a Winograd F(4x4, 3x3) convolution (stride 1, padding 1), whose matrix products torch.bmm does,
+   a 3 x 3 max-pool (stride 2, padding 1) fused with the ReLU after it, and in inference the first convolution of an
+   RGB image with its pool. All work on channels-last bf16 tensors in vectors of 16 channels (AVX-512 with bf16
+   conversions); the arithmetic is fp32. Each pass reads and writes every value once. And its multi-head attention,
+   forward and backward, one head at a time in the cache, its products on the AVX-512 bf16 dot-product instruction
+   (see `attention`).
    Every function works on the images [n0, n1) of a batch of n, so that callers can split a batch across threads.
 
-   Shapes: a tensor "[n][h][w][c]" is an image batch in channels-last order; "[16][t][c]" holds one row of t x c
-   values for each of the 16 points of a 4 x 4 Winograd tile, t = n * ceil(h / 2) * ceil(w / 2) tiles, in the
+   Shapes: a tensor "[n][h][w][c]" is an image batch in channels-last order; "[36][t][c]" holds one row of t x c
+   values for each of the 36 points of a 6 x 6 Winograd tile, t = n * ceil(h / 4) * ceil(w / 4) tiles, in the
    order (image, tile row, tile column). Channel counts are multiples of 16. */
 #include <immintrin.h>
 #include <stdint.h>
@@ -22,126 +22,29 @@ static inline __m512 load(const bf16 *p) {
 
 static inline void store(bf16 *p, __m512 v) { _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(v)); }
 
-/* B^T d B of every overlapping 4 x 4 input tile (zero outside the image): x [n][h][w][c] -> v [16][t][c]. */
-void winograd_input(const bf16 *restrict x, bf16 *restrict v, int64_t n0, int64_t n1, int64_t n, int64_t h,
-                    int64_t w, int64_t c) {
-    const int64_t th = (h + 1) / 2, tw = (w + 1) / 2, plane = n * th * tw * c;
-    const __m512 zero = _mm512_setzero_ps();
-    for (int64_t b = n0; b < n1; b++)
-        for (int64_t ti = 0; ti < th; ti++)
-            for (int64_t tj = 0; tj < tw; tj++) {
-                const bf16 *src[4][4];
-                for (int r = 0; r < 4; r++)
-                    for (int s = 0; s < 4; s++) {
-                        int64_t i = 2 * ti - 1 + r, j = 2 * tj - 1 + s;
-                        src[r][s] = i >= 0 && i < h && j >= 0 && j < w ? x + ((b * h + i) * w + j) * c : 0;
-                    }
-                bf16 *dst = v + ((b * th + ti) * tw + tj) * c;
-                for (int64_t k = 0; k < c; k += 16) {
-                    __m512 d[4][4], e[4][4];
-                    for (int r = 0; r < 4; r++)
-                        for (int s = 0; s < 4; s++) d[r][s] = src[r][s] ? load(src[r][s] + k) : zero;
-                    for (int s = 0; s < 4; s++) {  /* B^T on the rows */
-                        e[0][s] = _mm512_sub_ps(d[0][s], d[2][s]);
-                        e[1][s] = _mm512_add_ps(d[1][s], d[2][s]);
-                        e[2][s] = _mm512_sub_ps(d[2][s], d[1][s]);
-                        e[3][s] = _mm512_sub_ps(d[1][s], d[3][s]);
-                    }
-                    for (int r = 0; r < 4; r++) {  /* B on the columns */
-                        bf16 *q = dst + 4 * r * plane + k;
-                        store(q, _mm512_sub_ps(e[r][0], e[r][2]));
-                        store(q + plane, _mm512_add_ps(e[r][1], e[r][2]));
-                        store(q + 2 * plane, _mm512_sub_ps(e[r][2], e[r][1]));
-                        store(q + 3 * plane, _mm512_sub_ps(e[r][1], e[r][3]));
-                    }
-                }
-            }
-}
-
-/* A^T m A of every tile, the 2 x 2 outputs it owns: m [16][t][c] -> y [n][h][w][c]. */
-void winograd_output(const bf16 *restrict m, bf16 *restrict y, int64_t n0, int64_t n1, int64_t n, int64_t h,
-                     int64_t w, int64_t c) {
-    const int64_t th = (h + 1) / 2, tw = (w + 1) / 2, plane = n * th * tw * c;
-    for (int64_t b = n0; b < n1; b++)
-        for (int64_t ti = 0; ti < th; ti++)
-            for (int64_t tj = 0; tj < tw; tj++) {
-                const bf16 *src = m + ((b * th + ti) * tw + tj) * c;
-                bf16 *y00 = y + ((b * h + 2 * ti) * w + 2 * tj) * c, *y10 = y00 + w * c;
-                const int last_row = 2 * ti + 1 < h, last_col = 2 * tj + 1 < w;
-                for (int64_t k = 0; k < c; k += 16) {
-                    __m512 s0[4], s1[4];
-                    for (int q = 0; q < 4; q++) {  /* A^T on the rows */
-                        __m512 a0 = load(src + q * plane + k), a1 = load(src + (4 + q) * plane + k);
-                        __m512 a2 = load(src + (8 + q) * plane + k), a3 = load(src + (12 + q) * plane + k);
-                        s0[q] = _mm512_add_ps(_mm512_add_ps(a0, a1), a2);
-                        s1[q] = _mm512_sub_ps(_mm512_sub_ps(a1, a2), a3);
-                    }
-                    store(y00 + k, _mm512_add_ps(_mm512_add_ps(s0[0], s0[1]), s0[2]));  /* A on the columns */
-                    if (last_col) store(y00 + c + k, _mm512_sub_ps(_mm512_sub_ps(s0[1], s0[2]), s0[3]));
-                    if (last_row) {
-                        store(y10 + k, _mm512_add_ps(_mm512_add_ps(s1[0], s1[1]), s1[2]));
-                        if (last_col) store(y10 + c + k, _mm512_sub_ps(_mm512_sub_ps(s1[1], s1[2]), s1[3]));
-                    }
-                }
-            }
-}
-
-/* A g A^T of every tile's 2 x 2 output gradients (zero outside the image), the output transform's transpose,
-   for the weight gradient: g [n][h][w][c] -> z [16][t][c]. */
-void winograd_output_grad(const bf16 *restrict g, bf16 *restrict z, int64_t n0, int64_t n1, int64_t n, int64_t h,
-                          int64_t w, int64_t c) {
-    const int64_t th = (h + 1) / 2, tw = (w + 1) / 2, plane = n * th * tw * c;
-    const __m512 zero = _mm512_setzero_ps();
-    for (int64_t b = n0; b < n1; b++)
-        for (int64_t ti = 0; ti < th; ti++)
-            for (int64_t tj = 0; tj < tw; tj++) {
-                const bf16 *g00 = g + ((b * h + 2 * ti) * w + 2 * tj) * c, *g10 = g00 + w * c;
-                const int last_row = 2 * ti + 1 < h, last_col = 2 * tj + 1 < w;
-                bf16 *dst = z + ((b * th + ti) * tw + tj) * c;
-                for (int64_t k = 0; k < c; k += 16) {
-                    __m512 a[2][2], e[4][2];
-                    a[0][0] = load(g00 + k);
-                    a[0][1] = last_col ? load(g00 + c + k) : zero;
-                    a[1][0] = last_row ? load(g10 + k) : zero;
-                    a[1][1] = last_row && last_col ? load(g10 + c + k) : zero;
-                    for (int s = 0; s < 2; s++) {  /* A on the rows: (g0, g0 + g1, g0 - g1, -g1) */
-                        e[0][s] = a[0][s];
-                        e[1][s] = _mm512_add_ps(a[0][s], a[1][s]);
-                        e[2][s] = _mm512_sub_ps(a[0][s], a[1][s]);
-                        e[3][s] = _mm512_sub_ps(zero, a[1][s]);
-                    }
-                    for (int r = 0; r < 4; r++) {  /* A^T on the columns */
-                        bf16 *q = dst + 4 * r * plane + k;
-                        store(q, e[r][0]);
-                        store(q + plane, _mm512_add_ps(e[r][0], e[r][1]));
-                        store(q + 2 * plane, _mm512_sub_ps(e[r][0], e[r][1]));
-                        store(q + 3 * plane, _mm512_sub_ps(zero, e[r][1]));
-                    }
-                }
-            }
-}
-
-/* Inference's Winograd F(4x4, 3x3): 36 products per 16 outputs instead of F(2x2, 3x3)'s 16 per 4 (1.8x fewer),
-   with the points 0, 1, -1, 1/2, -2 and infinity: on CCT's tokenizer their bf16 error is 0.70x that of the usual
-   0, +-1, +-2 (relative to an fp64 convolution: 6.8e-3, against 3.2e-3 for F(2x2, 3x3) and 1.7e-3 for oneDNN's
-   direct one). Its tiles: "[36][t][c]", t = n * ceil(h / 4) * ceil(w / 4). Training keeps F(2x2, 3x3). */
+/* Winograd's F(4x4, 3x3): 36 products per 16 outputs, 4x fewer than the direct convolution (F(2x2, 3x3): 2.25x),
+   with the points 0, 1, -1, 1/2, -2 and infinity. Their bf16 error on CCT's trained tokenizer, relative to an fp64
+   convolution, is 6.7e-3: 0.7x that of the usual 0, +-1, +-2, against 3.2e-3 for F(2x2, 3x3) and 1.7e-3 for
+   oneDNN's direct convolution (F(4x4)'s larger transforms amplify bf16's rounding). */
 static const float BT4[6][6] = {{1, -1.5f, -2, 1.5f, 1, 0},  {0, -1, 0.5f, 2.5f, 1, 0}, {0, 1, -2.5f, 0.5f, 1, 0},
                                 {0, -2, -1, 2, 1, 0},        {0, 0.5f, -1, -0.5f, 1, 0}, {0, 1, -1.5f, -2, 1.5f, 1}};
 static const float AT4[4][6] = {{1, 1, 1, 1, 1, 0}, {0, 1, -1, 0.5f, -2, 0}, {0, 1, 1, 0.25f, 4, 0},
                                 {0, 1, -1, 0.125f, -8, 1}};
+static const float A4[6][4] = {{1, 0, 0, 0}, {1, 1, 1, 1}, {1, -1, 1, -1}, {1, 0.5f, 0.25f, 0.125f}, {1, -2, 4, -8},
+                               {0, 0, 0, 1}};  /* AT4 transposed */
 
-/* sum over j of row[j] * in[j * stride], the zero terms left out (the loop unrolls over the constant tables) */
-static inline __attribute__((always_inline)) __m512 combine6(const float *row, const __m512 *in, int stride) {
+/* sum over j < len of row[j] * in[j], the zero terms left out (the loops unroll over the constant tables) */
+static inline __attribute__((always_inline)) __m512 combine(const float *row, const __m512 *in, int len) {
     __m512 sum = _mm512_setzero_ps();
 #pragma GCC unroll 6
-    for (int j = 0; j < 6; j++)
-        if (row[j] != 0.0f) sum = _mm512_fmadd_ps(_mm512_set1_ps(row[j]), in[j * stride], sum);
+    for (int j = 0; j < len; j++)
+        if (row[j] != 0.0f) sum = _mm512_fmadd_ps(_mm512_set1_ps(row[j]), in[j], sum);
     return sum;
 }
 
 /* B^T d B of every overlapping 6 x 6 input tile (zero outside the image): x [n][h][w][c] -> v [36][t][c]. */
-void winograd4_input(const bf16 *restrict x, bf16 *restrict v, int64_t n0, int64_t n1, int64_t n, int64_t h,
-                     int64_t w, int64_t c) {
+void winograd_input(const bf16 *restrict x, bf16 *restrict v, int64_t n0, int64_t n1, int64_t n, int64_t h,
+                    int64_t w, int64_t c) {
     const int64_t th = (h + 3) / 4, tw = (w + 3) / 4, plane = n * th * tw * c;
     const __m512 zero = _mm512_setzero_ps();
     for (int64_t b = n0; b < n1; b++)
@@ -155,23 +58,23 @@ void winograd4_input(const bf16 *restrict x, bf16 *restrict v, int64_t n0, int64
                     }
                 bf16 *dst = v + ((b * th + ti) * tw + tj) * c;
                 for (int64_t k = 0; k < c; k += 16) {
-                    __m512 e[6][6];  /* kept in memory (the cache): 72 live vectors would spill anyway */
+                    __m512 e[6][6];  /* in memory (the cache): 72 live vectors would spill anyway */
 #pragma GCC unroll 6
                     for (int s = 0; s < 6; s++) {  /* B^T on the rows, column by column */
                         __m512 d[6];
                         for (int r = 0; r < 6; r++) d[r] = src[r][s] ? load(src[r][s] + k) : zero;
-                        for (int r = 0; r < 6; r++) e[r][s] = combine6(BT4[r], d, 1);
+                        for (int r = 0; r < 6; r++) e[r][s] = combine(BT4[r], d, 6);
                     }
 #pragma GCC unroll 6
                     for (int r = 0; r < 6; r++)  /* B on the columns */
-                        for (int s = 0; s < 6; s++) store(dst + (6 * r + s) * plane + k, combine6(BT4[s], e[r], 1));
+                        for (int s = 0; s < 6; s++) store(dst + (6 * r + s) * plane + k, combine(BT4[s], e[r], 6));
                 }
             }
 }
 
 /* A^T m A of every tile's 36 products, the 4 x 4 outputs inside the image: m [36][t][c] -> y [n][h][w][c]. */
-void winograd4_output(const bf16 *restrict m, bf16 *restrict y, int64_t n0, int64_t n1, int64_t n, int64_t h,
-                      int64_t w, int64_t c) {
+void winograd_output(const bf16 *restrict m, bf16 *restrict y, int64_t n0, int64_t n1, int64_t n, int64_t h,
+                     int64_t w, int64_t c) {
     const int64_t th = (h + 3) / 4, tw = (w + 3) / 4, plane = n * th * tw * c;
     for (int64_t b = n0; b < n1; b++)
         for (int64_t ti = 0; ti < th; ti++)
@@ -184,15 +87,42 @@ void winograd4_output(const bf16 *restrict m, bf16 *restrict y, int64_t n0, int6
                     for (int s = 0; s < 6; s++) {  /* A^T on the rows, column by column */
                         __m512 a[6];
                         for (int r = 0; r < 6; r++) a[r] = load(src + (6 * r + s) * plane + k);
-                        for (int r = 0; r < 4; r++) e[r][s] = combine6(AT4[r], a, 1);
+                        for (int r = 0; r < 4; r++) e[r][s] = combine(AT4[r], a, 6);
                     }
                     for (int r = 0; r < rows; r++) {  /* A on the columns */
                         bf16 *out = y + ((b * h + 4 * ti + r) * w + 4 * tj) * c + k;
                         __m512 o[4];
 #pragma GCC unroll 4
-                        for (int s = 0; s < 4; s++) o[s] = combine6(AT4[s], e[r], 1);
+                        for (int s = 0; s < 4; s++) o[s] = combine(AT4[s], e[r], 6);
                         for (int s = 0; s < cols; s++) store(out + s * c, o[s]);
                     }
+                }
+            }
+}
+
+/* A g A^T of every tile's 4 x 4 output gradients (zero outside the image), the output transform's transpose, for
+   the weight gradient: g [n][h][w][c] -> z [36][t][c]. */
+void winograd_output_grad(const bf16 *restrict g, bf16 *restrict z, int64_t n0, int64_t n1, int64_t n, int64_t h,
+                          int64_t w, int64_t c) {
+    const int64_t th = (h + 3) / 4, tw = (w + 3) / 4, plane = n * th * tw * c;
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t b = n0; b < n1; b++)
+        for (int64_t ti = 0; ti < th; ti++)
+            for (int64_t tj = 0; tj < tw; tj++) {
+                const int rows = h - 4 * ti < 4 ? (int)(h - 4 * ti) : 4, cols = w - 4 * tj < 4 ? (int)(w - 4 * tj) : 4;
+                const bf16 *src = g + ((b * h + 4 * ti) * w + 4 * tj) * c;
+                bf16 *dst = z + ((b * th + ti) * tw + tj) * c;
+                for (int64_t k = 0; k < c; k += 16) {
+                    __m512 e[6][4];
+#pragma GCC unroll 4
+                    for (int s = 0; s < 4; s++) {  /* A on the rows, column by column */
+                        __m512 d[4];
+                        for (int r = 0; r < 4; r++) d[r] = r < rows && s < cols ? load(src + (r * w + s) * c + k) : zero;
+                        for (int r = 0; r < 6; r++) e[r][s] = combine(A4[r], d, 4);
+                    }
+#pragma GCC unroll 6
+                    for (int r = 0; r < 6; r++)  /* A^T on the columns */
+                        for (int s = 0; s < 6; s++) store(dst + (6 * r + s) * plane + k, combine(A4[s], e[r], 4));
                 }
             }
 }

@@ -2,11 +2,10 @@
 subclasses of the PyTorch and timm modules (same parameters, same state-dict keys, same function up to bf16
 rounding):
 
-- `Conv2d`: a 3x3 convolution with stride 1 and padding 1 (CCT's tokenizer convolutions) by Winograd's algorithm,
-  whose matrix products (`torch.bmm`) oneDNN runs at the matmul peak: F(2x2, 3x3) in training (16 products, 2.25x
-  fewer multiplications than the direct convolution), F(4x4, 3x3) in inference (36 products per 16 outputs, 4x
-  fewer; its bf16 error is larger, see `winograd4_input` in cpu_kernels.c). The second convolution of
-  `cct_2_3x2_32` holds half the model's FLOPs.
+- `Conv2d`: a 3x3 convolution with stride 1 and padding 1 (CCT's tokenizer convolutions) by Winograd's F(4x4, 3x3)
+  algorithm: 36 matrix products (`torch.bmm`, which oneDNN runs at the matmul peak) per 16 outputs, 4x fewer
+  multiplications than the direct convolution, at a larger bf16 error (see cpu_kernels.c). The second convolution
+  of `cct_2_3x2_32` holds half the model's FLOPs.
 - `MaxPoolReLU`: the tokenizer's 3x3 / 2 max-pool and the ReLU after it in one pass, remembering each maximum's
   place in one byte instead of PyTorch's 8-byte index.
 - `TokenizerLayer`: in inference, the first convolution of an RGB image and its pool in one pass per image.
@@ -44,24 +43,21 @@ from timm.layers import Attention as TimmAttention
 from torch import nn
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
-# G of F(2x2, 3x3): a 3x3 filter becomes a 4x4 tile, G w G^T
-_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
-# G of inference's F(4x4, 3x3), for the points of BT4 and AT4 in cpu_kernels.c: a 3x3 filter becomes a 6x6 tile
-_G4 = ((1.0, 0.0, 0.0), (1 / 3, 1 / 3, 1 / 3), (-1 / 3, 1 / 3, -1 / 3), (-16 / 15, -8 / 15, -4 / 15),
-       (1 / 15, -2 / 15, 4 / 15), (0.0, 0.0, 1.0))
+# G of F(4x4, 3x3) for the points of BT4 and AT4 in cpu_kernels.c: a 3x3 filter becomes a 6x6 tile, G w G^T
+_G = ((1.0, 0.0, 0.0), (1 / 3, 1 / 3, 1 / 3), (-1 / 3, 1 / 3, -1 / 3), (-16 / 15, -8 / 15, -4 / 15),
+      (1 / 15, -2 / 15, 4 / 15), (0.0, 0.0, 1.0))
 
 
 @torch.compiler.assume_constant_result
-def _matrix(values: tuple[tuple[float, ...], ...]) -> torch.Tensor:
-    """A transform matrix as an fp32 tensor; torch.compile takes it as a constant, so that inductor's freezing folds
-    the filters' tiles with the weights (a tensor that it computes, or a global one, would be recomputed per call)."""
-    return torch.tensor(values)
+def _g_matrix() -> torch.Tensor:
+    """G as an fp32 tensor; torch.compile takes it as a constant, so that inductor's freezing folds the filters'
+    tiles with the weights (a tensor that it computes, or a global one, would be recomputed per call)."""
+    return torch.tensor(_G)
 
 
 # each C function: its pointer arguments, then its integers (n0, n1, n, then three sizes: h, w, c of the image
 # passes, tokens, heads, head width of the attention)
 _KERNELS = {"winograd_input": (2, 6), "winograd_output": (2, 6), "winograd_output_grad": (2, 6),
-            "winograd4_input": (2, 6), "winograd4_output": (2, 6),
             "maxpool_relu": (3, 6), "maxpool_relu_grad": (3, 6), "attention": (3, 6), "attention_grad": (4, 6),
             "conv3x3_pool_relu": (3, 7)}
 
@@ -130,19 +126,19 @@ def _pooled(x: torch.Tensor) -> torch.Tensor:
 
 
 def _tiles(n: int, h: int, w: int) -> int:
-    return n * ((h + 1) // 2) * ((w + 1) // 2)
+    return n * ((h + 3) // 4) * ((w + 3) // 4)
 
 
 def _input_tiles(x: torch.Tensor) -> torch.Tensor:
-    """x (n, c, h, w) -> B^T d B of its tiles, (16, tiles, c)."""
+    """x (n, c, h, w) -> B^T d B of its tiles, (36, tiles, c)."""
     n, c, h, w = x.shape
-    v = x.new_empty(16, _tiles(n, h, w), c)
+    v = x.new_empty(36, _tiles(n, h, w), c)
     _run("winograd_input", (x.contiguous(memory_format=torch.channels_last), v), n, h, w, c)
     return v
 
 
 def _output_from_tiles(m: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
-    """(16, tiles, c) products -> A^T m A, the output (n, c, h, w) in channels-last order."""
+    """(36, tiles, c) products -> A^T m A, the output (n, c, h, w) in channels-last order."""
     c = m.shape[2]
     y = _images(m, n, c, h, w)
     _run("winograd_output", (m, y), n, h, w, c)
@@ -150,18 +146,19 @@ def _output_from_tiles(m: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
 
 
 def _sandwich(m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """m . t . m^T over the first two dimensions of t (p, p, n): two matrix products with a long trailing
-    dimension, instead of n tiny ones."""
+    """m . t . m^T over the first two dimensions of t (p, p, n), in fp32 also under autocast (G's thirds and
+    fifteenths are not exact in bf16): two matrix products with a long trailing dimension, instead of n tiny ones."""
     p, q = m.shape
-    a = (m @ t.reshape(q, -1)).view(p, q, -1)  # rows: (p, q, n)
-    return (m @ a.transpose(0, 1).reshape(q, -1)).view(p, p, -1).transpose(0, 1)  # columns: (p, p, n)
+    with torch.autocast(t.device.type, enabled=False):
+        a = (m @ t.reshape(q, -1)).view(p, q, -1)  # rows: (p, q, n)
+        return (m @ a.transpose(0, 1).reshape(q, -1)).view(p, p, -1).transpose(0, 1)  # columns: (p, p, n)
 
 
-def _filter_tiles(weight: torch.Tensor, g: tuple[tuple[float, ...], ...] = _G) -> torch.Tensor:
-    """(k, c, 3, 3) filters -> G w G^T, (p * p, c, k) for G of p rows, in the weight's dtype."""
+def _filter_tiles(weight: torch.Tensor) -> torch.Tensor:
+    """(k, c, 3, 3) filters -> G w G^T, (36, c, k), in the weight's dtype."""
     k, c = weight.shape[:2]
     t = weight.float().permute(2, 3, 1, 0).reshape(3, 3, c * k)
-    return _sandwich(_matrix(g).to(weight.device), t).reshape(-1, c, k).to(weight.dtype)
+    return _sandwich(_g_matrix().to(weight.device), t).reshape(36, c, k).to(weight.dtype)
 
 
 def _convolve(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +176,7 @@ def _winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tens
 @_winograd_conv3x3.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, c, h, w = x.shape
-    return _images(x, n, weight.shape[0], h, w), x.new_empty(16, _tiles(n, h, w), c)
+    return _images(x, n, weight.shape[0], h, w), x.new_empty(36, _tiles(n, h, w), c)
 
 
 @torch.library.custom_op("cct::winograd_conv3x3_backward", mutates_args=())
@@ -192,10 +189,10 @@ def _winograd_conv3x3_backward(grad: torch.Tensor, tiles: torch.Tensor, weight: 
     # input: the convolution of the gradient with the filters flipped and transposed, by the same algorithm
     grad_x = _convolve(grad, weight.flip(2, 3).transpose(0, 1))[0] if input_grad else grad.new_empty(0)
     # weight: per tile point, (input tiles)^T @ (A g A^T of the output gradient), then back through G^T . G
-    z = grad.new_empty(16, _tiles(n, h, w), k)
+    z = grad.new_empty(36, _tiles(n, h, w), k)
     _run("winograd_output_grad", (grad, z), n, h, w, k)
-    grad_u = torch.bmm(tiles.transpose(1, 2), z).float().view(4, 4, -1)  # (4, 4, c * k)
-    grad_w = _sandwich(_matrix(_G).to(grad.device).T, grad_u).reshape(3, 3, -1, k).permute(3, 2, 0, 1)
+    grad_u = torch.bmm(tiles.transpose(1, 2), z).float().view(6, 6, -1)  # (6, 6, c * k)
+    grad_w = _sandwich(_g_matrix().to(grad.device).T, grad_u).reshape(3, 3, -1, k).permute(3, 2, 0, 1)
     return grad_x, grad_w.to(weight.dtype).contiguous()
 
 
@@ -227,18 +224,16 @@ _INFERENCE_CHUNK = 16
 
 @torch.library.custom_op("cct::winograd_conv3x3_inference", mutates_args=())
 def _winograd_conv3x3_inference(x: torch.Tensor, filter_tiles: torch.Tensor) -> torch.Tensor:
-    """The forward without gradients, by F(4x4, 3x3), from the filters' tiles (computed outside, so that a compiled
-    model with frozen weights computes them once)."""
-    n, c, h, w = x.shape
+    """The forward without gradients, from the filters' tiles (computed outside, so that a compiled model with
+    frozen weights computes them once)."""
+    n, _, h, w = x.shape
     k = filter_tiles.shape[2]
     x = x.contiguous(memory_format=torch.channels_last)
     y = _images(x, n, k, h, w)
     for start in range(0, n, _INFERENCE_CHUNK):
         part = x[start:start + _INFERENCE_CHUNK]
-        tiles = x.new_empty(36, len(part) * ((h + 3) // 4) * ((w + 3) // 4), c)
-        _run("winograd4_input", (part, tiles), len(part), h, w, c)
-        _run("winograd4_output", (torch.bmm(tiles, filter_tiles), y[start:start + _INFERENCE_CHUNK]), len(part), h, w,
-             k)
+        products = torch.bmm(_input_tiles(part), filter_tiles)
+        _run("winograd_output", (products, y[start:start + _INFERENCE_CHUNK]), len(part), h, w, k)
     return y
 
 
@@ -339,9 +334,7 @@ class Conv2d(nn.Conv2d):
         x, weight = x.to(torch.bfloat16), self.weight.to(torch.bfloat16)
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
             return _winograd_conv3x3(x, weight)[0]
-        with torch.autocast(x.device.type, enabled=False):  # G4's thirds and fifteenths are not exact in bf16
-            filter_tiles = _filter_tiles(weight, _G4)
-        return _winograd_conv3x3_inference(x, filter_tiles)
+        return _winograd_conv3x3_inference(x, _filter_tiles(weight))
 
 
 class MaxPoolReLU(nn.MaxPool2d):

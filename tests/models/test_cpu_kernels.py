@@ -53,12 +53,11 @@ def _channels_last(*shape: int, generator: torch.Generator) -> torch.Tensor:
 @needs_kernels
 @pytest.mark.parametrize("shape", [(4, 64, 128, 16, 16), (3, 16, 32, 7, 9), (2, 32, 16, 1, 2)])
 def test_winograd_convolution_is_pytorchs_to_bf16_rounding(shape):
-    """Output, input gradient and weight gradient, each against the exact (fp64) convolution: within 4x the error
-    of PyTorch's own bf16 convolution (measured 2-3x: Winograd's tile transforms round once more), or within one
-    bf16 rounding step of the largest value where PyTorch's error happens to be tiny. Without gradients, by
-    F(4x4, 3x3): within 1/16 of the largest value (measured 2.3-3.7e-2 on these random layers, against 1.9-2.7e-3
-    for PyTorch and 4.6-6.8e-3 for F(2x2, 3x3); a wrong transform is off by O(1); on CCT's trained tokenizer the
-    error is 6.7e-3 and the shipped weights' accuracy holds, see test_shipped_weights)."""
+    """Output, input gradient and weight gradient, each against the exact (fp64) convolution: within 1/16 of the
+    largest value. Measured 2.3-3.7e-2 on these random layers, against 2-3.5e-3 for PyTorch's bf16 convolution:
+    F(4x4, 3x3)'s transforms amplify bf16's rounding (on CCT's trained tokenizer the output's error is 6.7e-3, and
+    the recipes' accuracy holds); a wrong transform is off by O(1). Without gradients (in passes of a few images):
+    the same output."""
     n, c, k, h, w = shape
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -67,25 +66,17 @@ def test_winograd_convolution_is_pytorchs_to_bf16_rounding(shape):
     grad = _channels_last(n, k, h, w, generator=gen)
     exact_x, exact_w = x.detach().double().requires_grad_(), conv.weight.detach().double().requires_grad_()
     F.conv2d(exact_x, exact_w, padding=1).backward(grad.double())
-
-    results = {}
-    for name, forward in (("winograd", conv), ("pytorch", lambda t: F.conv2d(t, conv.weight, padding=1))):
-        with OpsSeen() as seen:
-            y = forward(x)
-            y.backward(grad)
-        results[name] = (y, x.grad, conv.weight.grad)
-        assert ("cct.winograd_conv3x3.default" in seen.names) == (name == "winograd")
-        x.grad = conv.weight.grad = None
-    assert results["winograd"][0].is_contiguous(memory_format=torch.channels_last)
+    with OpsSeen() as seen:
+        y = conv(x)
+        y.backward(grad)
+    assert "cct.winograd_conv3x3.default" in seen.names and "cct.winograd_conv3x3_backward.default" in seen.names
+    assert y.is_contiguous(memory_format=torch.channels_last)
     exact = (F.conv2d(exact_x, exact_w, padding=1), exact_x.grad, exact_w.grad)
+    for fast, truth, what in zip((y, x.grad, conv.weight.grad), exact, ("output", "input", "weight"), strict=True):
+        assert _relative_error(fast, truth) <= 2**-4, what
     with torch.no_grad(), OpsSeen() as seen:
-        inference = conv(x)
+        torch.testing.assert_close(conv(x), y, rtol=0, atol=0)
     assert "cct.winograd_conv3x3_inference.default" in seen.names
-    assert inference.is_contiguous(memory_format=torch.channels_last)
-    assert _relative_error(inference, exact[0]) <= 2**-4
-    for fast, slow, truth, what in zip(results["winograd"], results["pytorch"], exact, ("output", "input", "weight"),
-                                       strict=True):
-        assert _relative_error(fast, truth) <= max(4 * _relative_error(slow, truth), 2**-7), what
 
 
 @needs_kernels
