@@ -20,8 +20,9 @@ Where that cannot be done (no compiler, no AVX-512 bf16, not x86-64 Linux, chann
 several intra-op threads, tracing for export) the modules run PyTorch's own kernels.
 
 Figures (one thread, 64 images, this project's 2-core Zen 4, each against PyTorch's bf16 kernels): the 64 -> 128
-channel convolution at 16 x 16, forward + backward 25.0 against 33.2 ms; max-pool + ReLU at 32 x 32 x 64, forward +
-backward 2.2 against 5.8 ms. `cct_2_3x2_32` training step, one process of one thread: 685 -> 754 img/s with the
+channel convolution at 16 x 16, forward + backward 25.0 against 33.2 ms by F(2x2, 3x3), then 19.0 against 26.7 ms
+for F(4x4, 3x3) against F(2x2, 3x3) (another day); max-pool + ReLU at 32 x 32 x 64, forward + backward 2.2 against
+5.8 ms. `cct_2_3x2_32` training step, one process of one thread: 685 -> 754 img/s with the
 convolution, 790 with both. The attention at `cct_7_3x1_32`'s size (256 tokens, 4 heads of 64), 8 images, forward +
 backward: 11.1 against 14.6 ms; its training step, 64 images: 2,883 -> 2,740 ms.
 """
