@@ -20,8 +20,8 @@ Where that cannot be done (no compiler, no AVX-512 bf16, not x86-64 Linux, chann
 several intra-op threads, tracing for export) the modules run PyTorch's own kernels.
 
 Figures (one thread, 64 images, this project's 2-core Zen 4, each against PyTorch's bf16 kernels): the 64 -> 128
-channel convolution at 16 x 16, forward + backward 25.0 against 33.2 ms by F(2x2, 3x3), then 19.0 against 26.7 ms
-for F(4x4, 3x3) against F(2x2, 3x3) (another day); max-pool + ReLU at 32 x 32 x 64, forward + backward 2.2 against
+channel convolution at 16 x 16, forward + backward 25.0 ms by F(2x2, 3x3) against PyTorch's 33.2, and (another day)
+19.0 ms by F(4x4, 3x3) against F(2x2, 3x3)'s 26.7; max-pool + ReLU at 32 x 32 x 64, forward + backward 2.2 against
 5.8 ms. `cct_2_3x2_32` training step, one process of one thread: 685 -> 754 img/s with the
 convolution, 790 with both. The attention at `cct_7_3x1_32`'s size (256 tokens, 4 heads of 64), 8 images, forward +
 backward: 11.1 against 14.6 ms; its training step, 64 images: 2,883 -> 2,740 ms.
@@ -56,8 +56,8 @@ def _g_matrix() -> torch.Tensor:
     return torch.tensor(_G)
 
 
-# each C function: its pointer arguments, then its integers (n0, n1, n, then three sizes: h, w, c of the image
-# passes, tokens, heads, head width of the attention)
+# each C function: its pointer arguments, then its integers (n0, n1, n, then the sizes: h, w, c of the image
+# passes, and k, the filters' count, for conv3x3_pool_relu; tokens, heads, head width of the attention)
 _KERNELS = {"winograd_input": (2, 6), "winograd_output": (2, 6), "winograd_output_grad": (2, 6),
             "maxpool_relu": (3, 6), "maxpool_relu_grad": (3, 6), "attention": (3, 6), "attention_grad": (4, 6),
             "conv3x3_pool_relu": (3, 7)}
