@@ -120,10 +120,17 @@ def _images(like: torch.Tensor, n: int, c: int, h: int, w: int) -> torch.Tensor:
     return torch.empty(n, c, h, w, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
 
 
-def _pooled(x: torch.Tensor) -> torch.Tensor:
-    """An uninitialised output of the 3x3 / 2 / 1 pool of `x` (n, c, ceil(h / 2), ceil(w / 2))."""
+def _pooled(x: torch.Tensor, channels: int | None = None) -> torch.Tensor:
+    """An uninitialised output of the 3x3 / 2 / 1 pool of `x` (n, c, ceil(h / 2), ceil(w / 2)), with x's channel
+    count or `channels`."""
     n, c, h, w = x.shape
-    return _images(x, n, c, (h + 1) // 2, (w + 1) // 2)
+    return _images(x, n, channels or c, (h + 1) // 2, (w + 1) // 2)
+
+
+def _records_gradient(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records an operation on these tensors: the training paths, which keep what a backward
+    needs, against the inference ones."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _tiles(n: int, h: int, w: int) -> int:
@@ -333,7 +340,7 @@ class Conv2d(nn.Conv2d):
         if not self._winograd_applies(x):
             return super().forward(x)
         x, weight = x.to(torch.bfloat16), self.weight.to(torch.bfloat16)
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        if _records_gradient(x, weight):
             return _winograd_conv3x3(x, weight)[0]
         return _winograd_conv3x3_inference(x, _filter_tiles(weight))
 
@@ -350,8 +357,7 @@ class MaxPoolReLU(nn.MaxPool2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_3x3_half() and x.dim() == 4 and _fast_path(x, (x.shape[1],), x.dtype == torch.bfloat16):
-            training = torch.is_grad_enabled() and x.requires_grad
-            return _maxpool3x3_relu(x)[0] if training else _maxpool3x3_relu_inference(x)
+            return _maxpool3x3_relu(x)[0] if _records_gradient(x) else _maxpool3x3_relu_inference(x)
         return F.relu(super().forward(x))
 
 
@@ -370,15 +376,14 @@ def _conv3x3_pool_relu_inference(x: torch.Tensor, packed_filters: torch.Tensor) 
     outside, so that a compiled model with frozen weights computes them once)."""
     n, c, h, w = x.shape
     k = packed_filters.shape[1]
-    y = _images(x, n, k, (h + 1) // 2, (w + 1) // 2)
+    y = _pooled(x, k)
     _run("conv3x3_pool_relu", (x.contiguous(memory_format=torch.channels_last), packed_filters, y), n, h, w, c, k)
     return y
 
 
 @_conv3x3_pool_relu_inference.register_fake
 def _(x: torch.Tensor, packed_filters: torch.Tensor) -> torch.Tensor:
-    n, _, h, w = x.shape
-    return _images(x, n, packed_filters.shape[1], (h + 1) // 2, (w + 1) // 2)
+    return _pooled(x, packed_filters.shape[1])
 
 
 class TokenizerLayer(nn.Sequential):
@@ -392,7 +397,7 @@ class TokenizerLayer(nn.Sequential):
         conv, pool = self.conv, self.pool
         return (isinstance(conv, Conv2d) and conv.is_3x3_same() and 3 * conv.in_channels <= 16
                 and isinstance(pool, MaxPoolReLU) and pool.is_3x3_half() and isinstance(self.act, nn.Identity)
-                and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
+                and not _records_gradient(x, conv.weight)
                 and x.dim() == 4 and _fast_path(x, (conv.out_channels,), _computes_in_bf16(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -497,7 +502,7 @@ class Attention(TimmAttention):
         if not self._kernel_applies(x, attn_mask, is_causal):
             return super().forward(x, attn_mask, is_causal)
         qkv = self.qkv(x).to(torch.bfloat16)
-        if torch.is_grad_enabled() and qkv.requires_grad:
+        if _records_gradient(qkv):
             x = _attention(qkv, self.num_heads)[0]
         else:
             x = _attention_inference(qkv, self.num_heads)
