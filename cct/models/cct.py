@@ -17,10 +17,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, to_2tuple
+from timm.layers import DropPath, to_2tuple
 from torch import nn
 
-from .cpu_kernels import Attention, Conv2d, MaxPoolReLU, TokenizerLayer
+from .cpu_kernels import Attention, Conv2d, MaxPoolReLU, Mlp, TokenizerLayer
 
 POSITIONAL_EMBEDDINGS = ("learnable", "sine", "none")
 STOCHASTIC_DEPTH_MODES = ("droppath", "skip")

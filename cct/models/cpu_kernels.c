@@ -488,3 +488,48 @@ void conv3x3_pool_relu(const bf16 *restrict x, const bf16 *restrict wp, bf16 *re
     }
     free(a); free(conv); free(sums);
 }
+
+/* GELU, x Phi(x) with Phi the standard normal's distribution function, on 16 floats; with its derivative
+   Phi(x) + x phi(x) in *slope where slope is not NULL. Phi from erfc by Abramowitz and Stegun's 7.1.26 (absolute
+   error 1.5e-7, the formula of PyTorch's vectorised erf), its exponential shared with phi. */
+static inline __attribute__((always_inline)) __m512 gelu16(__m512 x, __m512 *slope) {
+    const __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)), a = _mm512_abs_ps(z);
+    const __m512 one = _mm512_set1_ps(1.0f), den = _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), a, one);
+    __m512 t = _mm512_rcp14_ps(den);
+    t = _mm512_mul_ps(t, _mm512_fnmadd_ps(den, t, _mm512_set1_ps(2.0f)));  /* one Newton step: 2^-28 */
+    __m512 poly = _mm512_fmadd_ps(_mm512_set1_ps(1.061405429f), t, _mm512_set1_ps(-1.453152027f));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(1.421413741f));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-0.284496736f));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(0.254829592f));
+    poly = _mm512_mul_ps(poly, t);
+    const __m512 gauss = exp2_16(_mm512_mul_ps(_mm512_mul_ps(z, z), _mm512_set1_ps(-1.44269504088896341f)));
+    const __m512 tail = _mm512_mul_ps(_mm512_mul_ps(poly, gauss), _mm512_set1_ps(0.5f));  /* erfc(|z|) / 2 */
+    const __m512 phi = _mm512_mask_sub_ps(tail, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ), one, tail);
+    if (slope) *slope = _mm512_fmadd_ps(_mm512_mul_ps(x, gauss), _mm512_set1_ps(0.39894228040143268f), phi);
+    return _mm512_mul_ps(x, phi);
+}
+
+/* The MLP's first activation after its bias: y = gelu(h + bias), rows [n0, n1) of h and y [n][c], bias [c], all
+   bf16, c % 16 == 0. The bias is added in fp32 (as in PyTorch's linear layer, before its output is rounded). */
+void bias_gelu(const bf16 *restrict h, const bf16 *restrict bias, bf16 *restrict y, int64_t n0, int64_t n1,
+               int64_t n, int64_t c) {
+    (void)n;
+    for (int64_t i = n0; i < n1; i++)
+        for (int64_t k = 0; k < c; k += 16)
+            store(y + i * c + k, gelu16(_mm512_add_ps(load(h + i * c + k), load(bias + k)), NULL));
+}
+
+/* The gradient of bias_gelu: gh = grad * gelu'(h + bias) [n][c] (bf16), and its sum over the rows [n0, n1) added
+   to gbias [c] (fp32, from the unrounded values). */
+void bias_gelu_grad(const bf16 *restrict grad, const bf16 *restrict h, const bf16 *restrict bias,
+                    bf16 *restrict gh, float *restrict gbias, int64_t n0, int64_t n1, int64_t n, int64_t c) {
+    (void)n;
+    for (int64_t i = n0; i < n1; i++)
+        for (int64_t k = 0; k < c; k += 16) {
+            __m512 slope;
+            gelu16(_mm512_add_ps(load(h + i * c + k), load(bias + k)), &slope);
+            const __m512 g = _mm512_mul_ps(load(grad + i * c + k), slope);
+            store(gh + i * c + k, g);
+            _mm512_storeu_ps(gbias + k, _mm512_add_ps(_mm512_loadu_ps(gbias + k), g));
+        }
+}

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention as TimmAttention
+from timm.layers import Mlp as TimmMlp
 from torch import nn
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -57,10 +58,11 @@ def _g_matrix() -> torch.Tensor:
 
 
 # each C function: its pointer arguments, then its integers (n0, n1, n, then the sizes: h, w, c of the image
-# passes, and k, the filters' count, for conv3x3_pool_relu; tokens, heads, head width of the attention)
+# passes, and k, the filters' count, for conv3x3_pool_relu; tokens, heads, head width of the attention; the width
+# of the GELU's rows)
 _KERNELS = {"winograd_input": (2, 6), "winograd_output": (2, 6), "winograd_output_grad": (2, 6),
             "maxpool_relu": (3, 6), "maxpool_relu_grad": (3, 6), "attention": (3, 6), "attention_grad": (4, 6),
-            "conv3x3_pool_relu": (3, 7)}
+            "conv3x3_pool_relu": (3, 7), "bias_gelu": (3, 4), "bias_gelu_grad": (5, 4)}
 
 
 def _cpu_description() -> str:
@@ -507,3 +509,67 @@ class Attention(TimmAttention):
         else:
             x = _attention_inference(qkv, self.num_heads)
         return self.proj_drop(self.proj(x))
+
+
+def _rows(x: torch.Tensor) -> tuple[int, int]:
+    """(rows, width) of x seen as a matrix whose rows run along its last dimension."""
+    return x.numel() // x.shape[-1], x.shape[-1]
+
+
+@torch.library.custom_op("cct::bias_gelu", mutates_args=())
+def _bias_gelu(h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """gelu(h + bias) over h's last dimension, in bf16 with fp32 arithmetic."""
+    y = torch.empty_like(h)
+    _run("bias_gelu", (h.contiguous(), bias.contiguous(), y), *_rows(h))
+    return y
+
+
+@_bias_gelu.register_fake
+def _(h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(h)
+
+
+@torch.library.custom_op("cct::bias_gelu_backward", mutates_args=())
+def _bias_gelu_backward(grad: torch.Tensor, h: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of `cct::bias_gelu` for h and for the bias (summed over the rows in fp32)."""
+    grad_h, grad_bias = torch.empty_like(h), torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+    _run("bias_gelu_grad", (grad.contiguous(), h, bias, grad_h, grad_bias), *_rows(h))
+    return grad_h, grad_bias.to(bias.dtype)
+
+
+@_bias_gelu_backward.register_fake
+def _(grad: torch.Tensor, h: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(h), torch.empty_like(bias)
+
+
+def _bias_gelu_setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0].contiguous(), inputs[1].contiguous())
+
+
+def _bias_gelu_grad(ctx, grad: torch.Tensor):
+    return _bias_gelu_backward(grad, *ctx.saved_tensors)
+
+
+_bias_gelu.register_autograd(_bias_gelu_grad, setup_context=_bias_gelu_setup_context)
+
+
+class Mlp(TimmMlp):
+    """timm's `Mlp` (same parameters, same function) whose first layer's bias and exact GELU run as one operator
+    of ours on a CPU in bf16 (see `_fast_path`), forward and backward, its bias gradient summed in the same pass:
+    PyTorch adds the bias inside the matrix product, applies GELU in a second pass, and in the backward sums the
+    bias gradient in a third. Not under torch.compile, whose inductor fuses the bias and GELU itself (into
+    oneDNN's product when the weights are frozen). Otherwise timm's code runs."""
+
+    def _kernel_applies(self, x: torch.Tensor) -> bool:
+        act = self.act
+        plain = (isinstance(act, nn.GELU) and act.approximate == "none" and self.fc1.bias is not None
+                 and isinstance(self.fc1, nn.Linear) and isinstance(self.norm, nn.Identity)
+                 and not torch.compiler.is_compiling())
+        return plain and _fast_path(x, (self.fc1.out_features,), _computes_in_bf16(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._kernel_applies(x):
+            return super().forward(x)
+        h = F.linear(x, self.fc1.weight).to(torch.bfloat16)
+        x = self.drop1(_bias_gelu(h, self.fc1.bias.to(torch.bfloat16)))
+        return self.drop2(self.fc2(x))

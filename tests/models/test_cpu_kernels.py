@@ -12,10 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention as TimmAttention
+from timm.layers import Mlp as TimmMlp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cct
-from cct.models.cpu_kernels import Attention, Conv2d, MaxPoolReLU, library
+from cct.models.cpu_kernels import Attention, Conv2d, MaxPoolReLU, Mlp, library
 from cct.train.loop import compile_for_inference, configure_attention
 
 needs_kernels = pytest.mark.skipif(library() is None, reason="the CPU kernels cannot be built on this machine")
@@ -168,6 +169,16 @@ def test_pytorchs_kernels_where_the_fast_ones_do_not_apply():
         with OpsSeen() as seen:
             attention.train().bfloat16()(torch.randn(2, 64, attention.qkv.in_features, generator=gen).bfloat16())
         assert not any(name.startswith("cct.") for name in seen.names)
+    # fp32; a hidden width of 40; several threads
+    for mlp, x, threads in ((Mlp(32, 64), torch.randn(2, 8, 32, generator=gen), 1),
+                            (Mlp(32, 40).bfloat16(), torch.randn(2, 8, 32, generator=gen).bfloat16(), 1),
+                            (Mlp(32, 64).bfloat16(), torch.randn(2, 8, 32, generator=gen).bfloat16(), 2)):
+        torch.set_num_threads(threads)
+        with OpsSeen() as seen:
+            y = mlp(x)
+        assert not any(name.startswith("cct.") for name in seen.names)
+        assert torch.equal(y, TimmMlp.forward(mlp, x))
+    torch.set_num_threads(1)
     model = cct.create_model("cct_2_3x2_32").eval().bfloat16()
     traced = torch.jit.trace(model, torch.zeros(1, 3, 32, 32, dtype=torch.bfloat16))
     assert "cct::" not in str(traced.inlined_graph)
@@ -187,6 +198,7 @@ def test_a_bf16_training_step_of_cct_2_takes_the_fast_kernels_and_learns_what_py
         layer.pool.forward = lambda x: F.relu(F.max_pool2d(x, 3, 2, 1))
     for block in plain.blocks:
         block.attn.forward = lambda x, attn=block.attn: TimmAttention.forward(attn, x)
+        block.mlp.forward = lambda x, mlp=block.mlp: TimmMlp.forward(mlp, x)
     for model in (fast, plain):
         configure_attention(model, torch.device("cpu"), "bf16")  # timm's explicit path, as on a CPU in bf16
     x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
@@ -200,7 +212,8 @@ def test_a_bf16_training_step_of_cct_2_takes_the_fast_kernels_and_learns_what_py
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
         fast_ops = {name for name in seen.names if name.startswith("cct.")}
         expected = {f"cct.{name}.default" for name in ("winograd_conv3x3", "winograd_conv3x3_backward",
-                    "maxpool3x3_relu", "maxpool3x3_relu_backward", "attention", "attention_backward")}
+                    "maxpool3x3_relu", "maxpool3x3_relu_backward", "attention", "attention_backward",
+                    "bias_gelu", "bias_gelu_backward")}
         assert fast_ops == (expected if model is fast else set())
     torch.testing.assert_close(logits[0], logits[1], rtol=0.05, atol=0.05)
     assert (grads[0] - grads[1]).norm() / grads[1].norm() < 0.05
@@ -236,7 +249,8 @@ def test_bf16_inference_of_cct_2_takes_the_fast_kernels_and_gives_pytorchs_logit
             logits.append(model(x).float())
         fast_ops = {name for name in seen.names if name.startswith("cct.")}
         expected = {"cct.conv3x3_pool_relu_inference.default", "cct.winograd_conv3x3_inference.default",
-                    "cct.maxpool3x3_relu_inference.default", "cct.attention_inference.default"}
+                    "cct.maxpool3x3_relu_inference.default", "cct.attention_inference.default",
+                    "cct.bias_gelu.default"}
         assert fast_ops == (expected if threads == 1 else set())
     torch.testing.assert_close(logits[0], logits[1], rtol=0.05, atol=0.05)
 
@@ -270,6 +284,37 @@ def test_the_attention_kernel_is_pytorchs_to_bf16_rounding(shape):
     for fast, pytorch, exact in zip(results["fast"], results["pytorch"], results["exact"], strict=True):
         # or within one bf16 rounding step of the largest value, where PyTorch's error happens to be smaller
         assert _relative_error(fast, exact) <= max(_relative_error(pytorch, exact), 2**-8)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(4, 64, 128, 256), (3, 7, 32, 16), (1, 1, 16, 48)])
+def test_the_mlp_kernel_is_pytorchs_to_bf16_rounding(shape):
+    """The MLP with its bias and GELU in one operator: output and the gradients of the input, of both layers'
+    weights and of the first bias, against the exact (fp64) MLP, within the error of PyTorch's own bf16 MLP, or two
+    bf16 rounding steps of the largest value (the first product is rounded before its bias is added, where PyTorch
+    rounds after; measured 0.7-1.3x PyTorch's error); inputs that reach far into GELU's tails included."""
+    n, tokens, dim, hidden = shape
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    mlp = Mlp(dim, hidden).bfloat16()
+    with torch.no_grad():
+        mlp.fc1.bias.normal_(0, 2, generator=gen)
+    x = (4 * torch.randn(n, tokens, dim, generator=gen)).bfloat16()
+    grad = torch.randn(n, tokens, dim, generator=gen).bfloat16()
+    results = {}
+    for name, threads, dtype in (("fast", 1, torch.bfloat16), ("pytorch", 2, torch.bfloat16),
+                                 ("exact", 1, torch.float64)):
+        torch.set_num_threads(threads)  # several threads: PyTorch's kernels
+        module = mlp.to(dtype)
+        module.zero_grad()
+        inputs = x.to(dtype, copy=True).requires_grad_()
+        with OpsSeen() as seen:
+            out = module(inputs)
+            out.backward(grad.to(dtype))
+        assert ("cct.bias_gelu_backward.default" in seen.names) == (name == "fast")
+        results[name] = (out, inputs.grad, module.fc1.weight.grad, module.fc1.bias.grad, module.fc2.weight.grad)
+    for fast, pytorch, exact in zip(results["fast"], results["pytorch"], results["exact"], strict=True):
+        assert _relative_error(fast, exact) <= max(_relative_error(pytorch, exact), 2**-7)
 
 
 @needs_kernels
