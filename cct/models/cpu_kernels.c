@@ -4,8 +4,9 @@
    RGB image with its pool. All work on channels-last bf16 tensors in vectors of 16 channels (AVX-512 with bf16
    conversions); the arithmetic is fp32. Each pass reads and writes every value once. And its multi-head attention,
    forward and backward, one head at a time in the cache, its products on the AVX-512 bf16 dot-product instruction
-   (see `attention`).
-   Every function works on the images [n0, n1) of a batch of n, so that callers can split a batch across threads.
+   (see `attention`), and the bias + GELU of its MLP (see `bias_gelu`).
+   Every function works on the images (for bias_gelu the rows) [n0, n1) of a batch of n, so that callers can split a
+   batch across threads.
 
    Shapes: a tensor "[n][h][w][c]" is an image batch in channels-last order; "[36][t][c]" holds one row of t x c
    values for each of the 36 points of a 6 x 6 Winograd tile, t = n * ceil(h / 4) * ceil(w / 4) tiles, in the
