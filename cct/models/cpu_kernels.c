@@ -473,7 +473,7 @@ void conv3x3_pool_relu(const bf16 *restrict x, const bf16 *restrict wp, bf16 *re
                        int64_t n, int64_t h, int64_t w, int64_t c, int64_t k) {
     (void)n;
     const int64_t kp = (9 * c + 1) / 2, m = (h * w + 7) / 8 * 8, oh = (h + 1) / 2, ow = (w + 1) / 2;
-    bf16 *a = aligned_alloc(64, m * 2 * kp * sizeof(bf16)), *conv = aligned_alloc(64, m * k * sizeof(bf16));
+    bf16 *a = aligned_alloc(64, m * 2 * kp * sizeof(bf16)), *conv = NULL;  /* conv: for the NaN fallback only */
     float *sums = aligned_alloc(64, m * k * sizeof(float));
     for (int64_t i = h * w; i < m; i++)
         for (int64_t q = 0; q < 2 * kp; q++) a[i * 2 * kp + q] = 0;
@@ -483,6 +483,7 @@ void conv3x3_pool_relu(const bf16 *restrict x, const bf16 *restrict wp, bf16 *re
         if (!any_nan(sums, h * w * k)) {
             maxpool_relu_finite(sums, y + b * oh * ow * k, h, w, k);
         } else {  /* NaN propagates as in maxpool_relu */
+            if (!conv) conv = aligned_alloc(64, m * k * sizeof(bf16));
             round_rows(sums, h * w, k, conv, k);
             maxpool_relu(conv, y + b * oh * ow * k, NULL, 0, 1, 1, h, w, k);
         }
