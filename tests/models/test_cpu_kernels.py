@@ -51,6 +51,26 @@ def _channels_last(*shape: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(*shape, generator=generator).bfloat16().contiguous(memory_format=torch.channels_last)
 
 
+def _errors_against_fp64(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, operator: str,
+                         parameters: list[str]) -> list[tuple[float, float]]:
+    """(our error, PyTorch's bf16 error) relative to fp64, for the module's output, its input's gradient and the
+    gradients of the named parameters: ours in one thread (where `operator` must run), PyTorch's in two (its
+    kernels; the module is converted in place for each)."""
+    results = {}
+    for name, threads, dtype in (("fast", 1, torch.bfloat16), ("pytorch", 2, torch.bfloat16),
+                                 ("exact", 1, torch.float64)):
+        torch.set_num_threads(threads)
+        module.to(dtype).zero_grad()
+        inputs = x.to(dtype, copy=True).requires_grad_()
+        with OpsSeen() as seen:
+            out = module(inputs)
+            out.backward(grad.to(dtype))
+        assert (operator in seen.names) == (name == "fast")
+        results[name] = (out, inputs.grad, *(module.get_parameter(p).grad for p in parameters))
+    return [(_relative_error(fast, exact), _relative_error(pytorch, exact))
+            for fast, pytorch, exact in zip(results["fast"], results["pytorch"], results["exact"], strict=True)]
+
+
 @needs_kernels
 @pytest.mark.parametrize("shape", [(4, 64, 128, 16, 16), (3, 16, 32, 7, 9), (2, 32, 16, 1, 2)])
 def test_winograd_convolution_is_pytorchs_to_bf16_rounding(shape):
@@ -236,8 +256,8 @@ def test_without_a_c_compiler_the_model_runs_on_pytorchs_kernels(tmp_path):
 @needs_kernels
 def test_bf16_inference_of_cct_2_takes_the_fast_kernels_and_gives_pytorchs_logits():
     """Without gradients every fast path runs (the first layer in one pass, Winograd's F(4x4, 3x3), the pool without
-    argmax, the attention without its probabilities kept), and the logits are those of PyTorch's kernels (the same
-    model with several threads) to bf16 rounding."""
+    argmax, the attention without its probabilities kept, the MLP's bias + GELU), and the logits are those of
+    PyTorch's kernels (the same model with several threads) to bf16 rounding."""
     torch.manual_seed(0)
     model = cct.create_model("cct_2_3x2_32").eval().to(memory_format=torch.channels_last)
     configure_attention(model, torch.device("cpu"), "bf16")
@@ -269,21 +289,9 @@ def test_the_attention_kernel_is_pytorchs_to_bf16_rounding(shape):
     attention.fused_attn = False
     x = torch.randn(n, tokens, heads * head_dim, generator=gen).bfloat16()
     grad = torch.randn(n, tokens, heads * head_dim, generator=gen).bfloat16()
-    results = {}
-    for name, threads, dtype in (("fast", 1, torch.bfloat16), ("pytorch", 2, torch.bfloat16),
-                                 ("exact", 1, torch.float64)):
-        torch.set_num_threads(threads)  # several threads: PyTorch's kernels
-        module = attention.to(dtype)
-        module.zero_grad()
-        inputs = x.to(dtype, copy=True).requires_grad_()
-        with OpsSeen() as seen:
-            out = module(inputs)
-            out.backward(grad.to(dtype))
-        assert ("cct.attention.default" in seen.names) == (name == "fast")
-        results[name] = (out, inputs.grad, module.qkv.weight.grad)
-    for fast, pytorch, exact in zip(results["fast"], results["pytorch"], results["exact"], strict=True):
-        # or within one bf16 rounding step of the largest value, where PyTorch's error happens to be smaller
-        assert _relative_error(fast, exact) <= max(_relative_error(pytorch, exact), 2**-8)
+    errors = _errors_against_fp64(attention, x, grad, "cct.attention.default", ["qkv.weight"])
+    # or within one bf16 rounding step of the largest value, where PyTorch's error happens to be smaller
+    assert all(ours <= max(pytorchs, 2**-8) for ours, pytorchs in errors)
 
 
 @needs_kernels
@@ -301,20 +309,9 @@ def test_the_mlp_kernel_is_pytorchs_to_bf16_rounding(shape):
         mlp.fc1.bias.normal_(0, 2, generator=gen)
     x = (4 * torch.randn(n, tokens, dim, generator=gen)).bfloat16()
     grad = torch.randn(n, tokens, dim, generator=gen).bfloat16()
-    results = {}
-    for name, threads, dtype in (("fast", 1, torch.bfloat16), ("pytorch", 2, torch.bfloat16),
-                                 ("exact", 1, torch.float64)):
-        torch.set_num_threads(threads)  # several threads: PyTorch's kernels
-        module = mlp.to(dtype)
-        module.zero_grad()
-        inputs = x.to(dtype, copy=True).requires_grad_()
-        with OpsSeen() as seen:
-            out = module(inputs)
-            out.backward(grad.to(dtype))
-        assert ("cct.bias_gelu_backward.default" in seen.names) == (name == "fast")
-        results[name] = (out, inputs.grad, module.fc1.weight.grad, module.fc1.bias.grad, module.fc2.weight.grad)
-    for fast, pytorch, exact in zip(results["fast"], results["pytorch"], results["exact"], strict=True):
-        assert _relative_error(fast, exact) <= max(_relative_error(pytorch, exact), 2**-7)
+    errors = _errors_against_fp64(mlp, x, grad, "cct.bias_gelu_backward.default",
+                                  ["fc1.weight", "fc1.bias", "fc2.weight"])
+    assert all(ours <= max(pytorchs, 2**-7) for ours, pytorchs in errors)
 
 
 @needs_kernels
