@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from ..data.augment import normalize
+from ..kernels import usable as cpu_kernels_usable
 from ..models.complexity import count_macs
-from ..models.cpu_kernels import usable as cpu_kernels_usable
 from ..models.registry import VARIANTS
 from . import distributed as dist
 from .config import Config

@@ -5,8 +5,9 @@ import json
 import subprocess
 import sys
 
-from cct.cli import main
 from cct.models.cpu_kernels import library
+
+from cct.cli import main
 
 KEYS = {"model", "batch_size", "precision", "device", "threads", "train_img_per_s", "infer_img_per_s",
         "gflops_per_img_train", "achieved_gflops", "peak_matmul_gflops", "fraction_of_peak", "processes",

@@ -11,12 +11,12 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from cct.models.cpu_kernels import Attention, Conv2d, MaxPoolReLU, Mlp, library
 from timm.layers import Attention as TimmAttention
 from timm.layers import Mlp as TimmMlp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cct
-from cct.models.cpu_kernels import Attention, Conv2d, MaxPoolReLU, Mlp, library
 from cct.train.loop import compile_for_inference, configure_attention
 
 needs_kernels = pytest.mark.skipif(library() is None, reason="the CPU kernels cannot be built on this machine")
