@@ -11,15 +11,14 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from cct.models.cpu_kernels import Attention, Conv2d, MaxPoolReLU, Mlp, library
-from timm.layers import Attention as TimmAttention
 from timm.layers import Mlp as TimmMlp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cct
+from cct.kernels import Attention, Conv2d, MaxPoolReLU, Mlp, accelerate, available
 from cct.train.loop import compile_for_inference, configure_attention
 
-needs_kernels = pytest.mark.skipif(library() is None, reason="the CPU kernels cannot be built on this machine")
+needs_kernels = pytest.mark.skipif(not available(), reason="the CPU kernels cannot be built on this machine")
 
 
 @pytest.fixture(autouse=True)
@@ -140,7 +139,7 @@ def test_the_first_tokenizer_layer_in_one_pass_is_pytorchs(shape):
     n, c, k, h, w = shape
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    layer = cct.create_model("cct_2_3x2_32").tokenizer.convs[0]
+    layer = accelerate(cct.create_model("cct_2_3x2_32")).tokenizer.convs[0]
     layer.conv = Conv2d(c, k, 3, 1, 1, bias=False)
     x = torch.randn(n, c, h, w, generator=gen).contiguous(memory_format=torch.channels_last)
     x[0, 0, h // 2, w // 2] = float("nan")
@@ -199,7 +198,7 @@ def test_pytorchs_kernels_where_the_fast_ones_do_not_apply():
         assert not any(name.startswith("cct.") for name in seen.names)
         assert torch.equal(y, TimmMlp.forward(mlp, x))
     torch.set_num_threads(1)
-    model = cct.create_model("cct_2_3x2_32").eval().bfloat16()
+    model = accelerate(cct.create_model("cct_2_3x2_32")).eval().bfloat16()
     traced = torch.jit.trace(model, torch.zeros(1, 3, 32, 32, dtype=torch.bfloat16))
     assert "cct::" not in str(traced.inlined_graph)
 
@@ -210,15 +209,10 @@ def test_a_bf16_training_step_of_cct_2_takes_the_fast_kernels_and_learns_what_py
     backward; its logits and gradients are those of the same model on PyTorch's kernels, to bf16 rounding."""
     torch.manual_seed(0)
     # without attention dropout, as the cifar10-fast recipe trains (the attention kernel has none)
-    fast = cct.create_model("cct_2_3x2_32", attn_drop_rate=0.0).to(memory_format=torch.channels_last)
     plain = cct.create_model("cct_2_3x2_32", attn_drop_rate=0.0).to(memory_format=torch.channels_last)
-    plain.load_state_dict(fast.state_dict())
-    for layer in plain.tokenizer.convs:  # the same model on PyTorch's kernels
-        layer.conv.forward = lambda x, conv=layer.conv: F.conv2d(x, conv.weight, padding=1)
-        layer.pool.forward = lambda x: F.relu(F.max_pool2d(x, 3, 2, 1))
-    for block in plain.blocks:
-        block.attn.forward = lambda x, attn=block.attn: TimmAttention.forward(attn, x)
-        block.mlp.forward = lambda x, mlp=block.mlp: TimmMlp.forward(mlp, x)
+    fast = cct.create_model("cct_2_3x2_32", attn_drop_rate=0.0).to(memory_format=torch.channels_last)
+    fast.load_state_dict(plain.state_dict())
+    accelerate(fast)
     for model in (fast, plain):
         configure_attention(model, torch.device("cpu"), "bf16")  # timm's explicit path, as on a CPU in bf16
     x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
@@ -242,9 +236,9 @@ def test_a_bf16_training_step_of_cct_2_takes_the_fast_kernels_and_learns_what_py
 def test_without_a_c_compiler_the_model_runs_on_pytorchs_kernels(tmp_path):
     """A machine where nothing can be compiled gets the plain modules, not an error."""
     script = ("import torch, cct\n"
-              "from cct.models.cpu_kernels import library\n"
-              "assert library() is None\n"
-              "m = cct.create_model('cct_2_3x2_32').eval()\n"
+              "from cct.kernels import accelerate, available\n"
+              "assert not available()\n"
+              "m = accelerate(cct.create_model('cct_2_3x2_32')).eval()\n"
               "with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):\n"
               "    print(tuple(m(torch.randn(2, 3, 32, 32)).shape))\n")
     env = dict(os.environ, CC=str(tmp_path / "no-such-compiler"), CCT_CACHE=str(tmp_path / "cache"))
@@ -259,7 +253,7 @@ def test_bf16_inference_of_cct_2_takes_the_fast_kernels_and_gives_pytorchs_logit
     argmax, the attention without its probabilities kept, the MLP's bias + GELU), and the logits are those of
     PyTorch's kernels (the same model with several threads) to bf16 rounding."""
     torch.manual_seed(0)
-    model = cct.create_model("cct_2_3x2_32").eval().to(memory_format=torch.channels_last)
+    model = accelerate(cct.create_model("cct_2_3x2_32")).eval().to(memory_format=torch.channels_last)
     configure_attention(model, torch.device("cpu"), "bf16")
     x = torch.randn(32, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     logits = []
@@ -320,7 +314,7 @@ def test_compiled_inference_with_frozen_weights_runs_the_kernels_as_opaque_opera
     the kernels' operators in its graph (their shape functions hold), with its weights folded in as constants, and
     gives the eager model's logits."""
     torch.manual_seed(0)
-    model = cct.create_model("cct_2_3x2_32").eval().to(memory_format=torch.channels_last)
+    model = accelerate(cct.create_model("cct_2_3x2_32")).eval().to(memory_format=torch.channels_last)
     configure_attention(model, torch.device("cpu"), "bf16")
     x = torch.randn(16, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     frozen = compile_for_inference(model)
@@ -335,7 +329,7 @@ def test_compiled_inference_with_frozen_weights_runs_the_kernels_as_opaque_opera
 @needs_kernels
 def test_the_kernels_build_in_an_empty_cache(tmp_path):
     """What a fresh machine does on first use: compile cpu_kernels.c into $CCT_CACHE and load it."""
-    script = "from cct.models.cpu_kernels import library\nprint(library() is not None)\n"
+    script = "from cct.kernels import available\nprint(available())\n"
     env = dict(os.environ, CCT_CACHE=str(tmp_path / "cache"))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -5,9 +5,8 @@ import json
 import subprocess
 import sys
 
-from cct.models.cpu_kernels import library
-
 from cct.cli import main
+from cct.kernels import available
 
 KEYS = {"model", "batch_size", "precision", "device", "threads", "train_img_per_s", "infer_img_per_s",
         "gflops_per_img_train", "achieved_gflops", "peak_matmul_gflops", "fraction_of_peak", "processes",
@@ -20,7 +19,7 @@ def _check_figures(result: dict) -> None:
     assert abs(result["gflops_per_img_train"] - 0.212) < 0.001  # 3 x 2 x 35.3 MMACs
     assert abs(result["achieved_gflops"] - result["train_img_per_s"] * result["gflops_per_img_train"]) < 1
     assert 0 < result["fraction_of_peak"] < 1
-    assert result["cpu_kernels"] == (result["threads"] == 1 and library() is not None)  # one-thread processes
+    assert result["cpu_kernels"] == (result["threads"] == 1 and available())  # one-thread processes
 
 
 def test_bench_json_one_process(capsys):
