@@ -30,6 +30,9 @@ PATCH_TOKENIZER = dict(kernel_size=4, stride=4, padding=0, n_conv_layers=1, conv
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 FLOWERS_MEAN, FLOWERS_STD = (0.4353, 0.3773, 0.2872), (0.2966, 0.2455, 0.2698)
 POS_SUFFIXES = (("", "learnable"), ("_sine", "sine"))
+# How `cct eval` / training evaluate image files (`cct.data.datasets.eval_transform`'s defaults): shorter side to
+# size / 0.875 by bicubic resampling, then a central crop; CIFAR-sized (32 px) inputs are used whole.
+EVAL_CROP_PCT, EVAL_INTERPOLATION = 0.875, "bicubic"
 
 # Top-1 accuracy reported by the authors (official README / paper), for the model table.
 PAPER_TOP1: dict[str, str] = {
@@ -82,7 +85,7 @@ def _pretrained_cfg(arch: dict[str, Any]) -> dict[str, Any]:
     else:
         mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     return dict(input_size=(3, img, img), mean=mean, std=std, num_classes=arch["num_classes"],
-                interpolation="bicubic", crop_pct=1.0 if img == 32 else 0.9,
+                interpolation=EVAL_INTERPOLATION, crop_pct=1.0 if img == 32 else EVAL_CROP_PCT, crop_mode="center",
                 first_conv="tokenizer.convs.0.conv", classifier="head", license="apache-2.0",
                 paper_ids="arXiv:2104.05704")
 
@@ -122,8 +125,11 @@ default_cfgs = generate_default_cfgs(_cfgs())
 
 def _register(name: str) -> None:
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> CCT:
+        # features_only models are the model itself behind timm's getter, which calls forward_intermediates
+        # (every block by default: the small variants have fewer blocks than timm's default of the last 4)
+        feature_cfg = dict(feature_cls="getter", out_indices=VARIANTS[name]["depth"])
         return build_model_with_cfg(CCT, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                    **{**VARIANTS[name], **kwargs})
+                                    feature_cfg=feature_cfg, **{**VARIANTS[name], **kwargs})
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__module__ = __name__
