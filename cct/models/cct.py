@@ -249,6 +249,9 @@ class CCT(nn.Module):
             branch is not computed).
     """
 
+    # the generator serves `skip` stochastic depth, a training path that TorchScript leaves out; it cannot be saved
+    __jit_ignored_attributes__ = ["skip_generator"]
+
     def __init__(self, img_size: int | Sequence[int] = 224, num_classes: int = 1000, in_chans: int = 3,
                  embed_dim: int = 768, depth: int = 14, num_heads: int = 6, mlp_ratio: float = 4.0,
                  kernel_size: int = 7, stride: int | None = None, padding: int | None = None,
