@@ -4,7 +4,7 @@ Part 1, attention (training img/s at `--batch-size`, inference img/s at `--infer
 
 * explicit: timm's explicit path (q @ k^T, softmax, @ v; `fused_attn = False`), which is what the library uses
   on a CPU in bf16 (`configure_attention` in cct/train/loop.py), in training and inference; with `--threads 1`
-  that path runs the library's C attention operator (cct/models/cpu_kernels.py), shown as "cct op";
+  that path runs the library's C attention operator (cct/kernels/attention.py), shown as "cct op";
 * sdpa default: F.scaled_dot_product_attention with PyTorch's own backend choice (on CPU the fused flash kernel);
 * sdpa math: the same call restricted to `sdpa_kernel([SDPBackend.MATH])`.
 
