@@ -247,6 +247,8 @@ class CCT(nn.Module):
             paper.
         stochastic_depth: "droppath" (timm's per-sample DropPath) or "skip" (whole-batch decisions; a dropped
             branch is not computed).
+        global_pool: how the head sees the tokens, as in `reset_classifier` (timm passes it when it rebuilds a
+            model from its saved config); None: sequence pooling with `seq_pool`, else the class token.
     """
 
     # the generator serves `skip` stochastic depth, a training path that TorchScript leaves out; it cannot be saved
@@ -258,7 +260,7 @@ class CCT(nn.Module):
                  n_conv_layers: int = 1, conv_hidden_dim: int = 64, conv_bias: bool = False,
                  conv_activation: bool = True, max_pool: bool = True, seq_pool: bool = True,
                  pos_embed: str = "learnable", drop_rate: float = 0.0, attn_drop_rate: float = 0.1,
-                 drop_path_rate: float = 0.1, stochastic_depth: str = "droppath"):
+                 drop_path_rate: float = 0.1, stochastic_depth: str = "droppath", global_pool: str | None = None):
         super().__init__()
         if pos_embed not in POSITIONAL_EMBEDDINGS:
             raise ValueError(f"pos_embed must be one of {POSITIONAL_EMBEDDINGS}, got {pos_embed!r}")
@@ -297,6 +299,8 @@ class CCT(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
         self.global_pool = "token" if self.cls_token is not None else "seq"
         self.pool = SeqPool(embed_dim) if seq_pool else None
+        if global_pool is not None:
+            self._set_global_pool(global_pool)
         self.head = self._new_head(num_classes)
         self.skip_generator = torch.Generator().manual_seed(0)
         self._init_transformer_weights()
@@ -463,17 +467,20 @@ class CCT(nn.Module):
                 class token (ViT-Lite only), "" none (`forward` returns the tokens).
         """
         if global_pool is not None:
-            if global_pool not in ("seq", "token", ""):
-                raise ValueError(f"global_pool must be 'seq', 'token' or '', got {global_pool!r}")
-            if global_pool == "token" and self.cls_token is None:
-                raise ValueError("global_pool 'token' needs a class token (a ViT-Lite model)")
-            if global_pool == "seq" and self.pool is None:
-                self.pool = self._like_parameters(SeqPool(self.embed_dim))
-            elif global_pool != "seq":
-                self.pool = None
-            self.global_pool = global_pool
+            self._set_global_pool(global_pool)
         self.num_classes = num_classes
         self.head = self._like_parameters(self._new_head(num_classes))
+
+    def _set_global_pool(self, global_pool: str) -> None:
+        if global_pool not in ("seq", "token", ""):
+            raise ValueError(f"global_pool must be 'seq', 'token' or '', got {global_pool!r}")
+        if global_pool == "token" and self.cls_token is None:
+            raise ValueError("global_pool 'token' needs a class token (a ViT-Lite model)")
+        if global_pool == "seq" and self.pool is None:
+            self.pool = self._like_parameters(SeqPool(self.embed_dim))
+        elif global_pool != "seq":
+            self.pool = None
+        self.global_pool = global_pool
 
     def _like_parameters(self, module: nn.Module) -> nn.Module:
         """`module` moved to the device and dtype of the model's parameters."""
