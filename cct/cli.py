@@ -68,10 +68,10 @@ def cmd_models(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     """Train a recipe into a run directory (or resume the run there)."""
     from .data.datasets import dataset_info, ensure_dataset
-    from .models.checkpoint import run_records
     from .train import load_config, train
     from .train.config import check_crop_fits
     from .train.loop import check_resumable
+    from .train.runs import run_records
 
     cfg = load_config(args.recipe, args.set or [])
     check_crop_fits(cfg)
@@ -316,7 +316,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     else:
         args.checkpoint = None
     from .data.datasets import eval_transform
-    from .models.checkpoint import load_trained
+    from .train.runs import load_trained
 
     model, meta = load_trained(_weights_source(args), args.model)
     transform = eval_transform(model.img_size[0], crop_pct=1.0)
@@ -383,9 +383,9 @@ def _decode(path: str):
 
 def cmd_export(args: argparse.Namespace) -> None:
     """Export a trained model to ONNX (dynamic batch), safetensors or TorchScript."""
-    from .models.export import export_model
+    from .train.runs import export_trained
 
-    out = export_model(_weights_source(args), args.format, Path(args.output), model_name=args.model)
+    out = export_trained(_weights_source(args), args.format, Path(args.output), model_name=args.model)
     print(f"wrote {out}")
 
 
@@ -393,14 +393,14 @@ def cmd_push(args: argparse.Namespace) -> None:
     """Upload a trained model to the Hugging Face Hub as a timm-compatible model folder."""
     import tempfile
 
-    from .models.export import export_model
     from .models.hub import is_hub_folder, push_to_hub
+    from .train.runs import export_trained
 
     if is_hub_folder(args.checkpoint):
         url = push_to_hub(Path(args.checkpoint), args.repo_id, args.token)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            folder = export_model(args.checkpoint, "hub", Path(tmp) / "model", model_name=args.model)
+            folder = export_trained(args.checkpoint, "hub", Path(tmp) / "model", model_name=args.model)
             url = push_to_hub(folder, args.repo_id, args.token)
     print(f"pushed to {url}")
 

@@ -122,7 +122,7 @@ def test_predict_any_image_mode(trained_run, tmp_path, capsys):
 def test_export_onnx_torchscript_safetensors(trained_run, tmp_path):
     import onnxruntime
 
-    from cct.models.checkpoint import load_trained
+    from cct.train.runs import load_trained
 
     model, meta = load_trained(trained_run)
     x = torch.randn(5, 3, 32, 32)
