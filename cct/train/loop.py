@@ -91,7 +91,8 @@ def retain_freed_memory() -> None:
     every activation above a (dynamic) threshold is mmap-ed and unmapped each step, so each training step
     page-faults and zeroes its activations afresh: about 20,000 minor faults per step of cct_2_3x2_32 (batch
     128), and 950-1,050 img/s against 1,200-1,260 with this (one-off A/B on this 2-core CPU, fresh processes).
-    Process-wide; a no-op where the C library is not glibc."""
+    Process-wide, so the `cct` commands apply it (the library never does); a no-op where the C library is not
+    glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -99,14 +100,6 @@ def retain_freed_memory() -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters, from glibc's malloc.h
     libc.mallopt(m_mmap_threshold, 1 << 30)
     libc.mallopt(m_trim_threshold, 1 << 30)
-
-
-def configure_for_device(model: torch.nn.Module, device: torch.device, precision: str) -> None:
-    """The speed settings of a device, for training and evaluation alike: the attention path, and on a CPU the
-    allocator that keeps freed memory."""
-    configure_attention(model, device, precision)
-    if device.type == "cpu":
-        retain_freed_memory()
 
 
 class FrozenForInference(torch.nn.Module):
@@ -214,7 +207,7 @@ class Engine:
                                   drop_path_rate=cfg.drop_path_rate, stochastic_depth=cfg.stochastic_depth,
                                   drop_rate=cfg.drop_rate, attn_drop_rate=cfg.attn_drop_rate)
         self.model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
-        configure_for_device(self.model, device, cfg.precision)
+        configure_attention(self.model, device, cfg.precision)
         # fused=True: one kernel per step instead of a Python loop over parameters (PyTorch's default on a CPU);
         # +3-4% training img/s for cct_2_3x2_32 on 2 cores (one-off A/B in one process), same update rule.
         self.optimizer = create_optimizer_v2(self.model, opt=cfg.optimizer, lr=cfg.lr, fused=True,

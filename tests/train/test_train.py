@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from cct.cli import main
 from cct.errors import CCTError, UsageError
-from cct.train import bundled_recipes, load_config, train
+from cct.train import bundled_recipes, evaluate_checkpoint, load_config, train
 from cct.train.config import Config
 from cct.train.loop import learning_rate
 from tests.data.test_datasets import _flowers_tree, fake_cifar100_download
@@ -87,6 +87,14 @@ def test_eval_matches_training_and_writes_confusion(trained_run, data_root, tmp_
     assert report["top1"] == pytest.approx(summary["best_top1"], abs=1e-6)
     assert len(report["per_class_top1"]) == 10 and "airplane" in report["per_class_top1"]
     assert (tmp_path / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_checkpoint_is_the_library_side_of_cct_eval(trained_run, data_root, tmp_path):
+    report = evaluate_checkpoint(trained_run / "last.safetensors", data_root=data_root, out=tmp_path / "report")
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert (report["dataset"], report["split"], report["images"]) == ("cifar10", "test", 10_000)
+    assert report["top1"] == pytest.approx(summary["final_top1"], abs=1e-6)
+    assert json.loads((tmp_path / "report" / "eval.json").read_text()) == report
 
 
 def test_eval_compiled_for_inference_agrees(trained_run, data_root, capsys):
