@@ -27,7 +27,7 @@ from timm.utils import ModelEmaV3
 
 from ..data.augment import BatchAugment, normalize
 from ..data.datasets import build_dataset, dataset_info, eval_transform, train_transform
-from ..data.loader import BatchSource, eval_batch_indices, steps_per_epoch, train_batch_indices
+from ..data.loader import BatchSource, epoch_seed, eval_batch_indices, steps_per_epoch, train_batch_indices
 from ..errors import CCTError
 from ..models import create_model
 from ..models.checkpoint import model_metadata
@@ -515,7 +515,7 @@ def _train_epoch(run: _Run) -> int:
     mixing = cfg.mixup_off_epoch is None or epoch < cfg.mixup_off_epoch
     batches = train_batch_indices(run.num_train, cfg.batch_size, cfg.seed, epoch, dist.rank(), dist.world_size())
     tic = time.perf_counter()
-    for images, labels, skipped in run.train_source.batches(batches[offset:]):
+    for images, labels, skipped in run.train_source.batches(batches[offset:], seed=epoch_seed(cfg.seed, epoch)):
         finite = _train_step(run, images, labels, skipped, epoch, mixing)
         if finite and cfg.checkpoint_every_steps and run.step % cfg.checkpoint_every_steps == 0 \
                 and run.step % spe:
