@@ -130,7 +130,21 @@ def compile_for_inference(model: torch.nn.Module) -> torch.nn.Module:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, source: BatchSource, mean, std, cfg: Config, device: torch.device,
              num_classes: int) -> dict[str, Any]:
-    """Loss, top-1, top-5 and per-class accuracy over the whole evaluation set (sharded over ranks)."""
+    """Loss, top-1, top-5 and per-class accuracy over the whole evaluation set (sharded over ranks).
+
+    Args:
+        model: the model to evaluate (put in eval mode for the pass, then back as it was).
+        source: the evaluation images (its first `cfg.eval_samples` where set).
+        mean: the per-channel normalisation mean, in [0, 1].
+        std: the per-channel normalisation standard deviation.
+        cfg: `precision`, `eval_batch_size`, `test_time_flip`, `channels_last` and `eval_samples` are used.
+        device: where `source`'s batches and the model are.
+        num_classes: the model's class count.
+
+    Returns:
+        `loss`, `top1`, `top5` (in %), `per_class_top1` (list, in %), `confusion` (int64 tensor, rows: true
+        class) and `images` (the count evaluated, over every rank).
+    """
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top1, top5
