@@ -52,7 +52,7 @@ from cct.data.loader import BatchSource, train_batch_indices  # noqa: E402
 from cct.models.complexity import count_params  # noqa: E402
 from cct.train import load_config  # noqa: E402
 from cct.train.bench import window_seconds  # noqa: E402
-from cct.train.loop import Engine, cpu_name  # noqa: E402
+from cct.train.loop import Engine, cpu_name, retain_freed_memory  # noqa: E402
 
 RECIPE = "keras-example"
 OFFICIAL_PACKAGE = "official_cct_src"  # a name of our own, so the checkout's `src` package clashes with nothing
@@ -310,6 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     if not os.environ.get("CCT_DATA"):
         p.error("set CCT_DATA to the folder holding cifar-10-batches-py")
     torch.set_num_threads(args.threads)
+    retain_freed_memory()  # as the `cct` commands do: the steps timed are those of `cct train`
     torch.manual_seed(0)
     warnings.filterwarnings("ignore", category=FutureWarning, module="timm")
     load_before = os.getloadavg()

@@ -68,10 +68,10 @@ def cmd_models(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     """Train a recipe into a run directory (or resume the run there)."""
     from .data.datasets import dataset_info, ensure_dataset
-    from .models.checkpoint import run_records
     from .train import load_config, train
     from .train.config import check_crop_fits
     from .train.loop import check_resumable
+    from .train.runs import run_records
 
     cfg = load_config(args.recipe, args.set or [])
     check_crop_fits(cfg)
@@ -94,6 +94,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if nproc > 1:
         _relaunch_with_torchrun(nproc, args.argv, share_cores=cpu_launch, on_failure=args.interrupt_hint)
         return
+    _retain_freed_memory(_device(args.device))
     summary = train(cfg, run_dir, data_root=data_root, resume=args.resume, device=args.device)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return
@@ -110,6 +111,15 @@ def _device(name: str | None):
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available on this machine (use --device cpu)")
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _retain_freed_memory(device) -> None:
+    """On a CPU, keep freed memory in this process (see `cct.train.loop.retain_freed_memory`): a process-wide
+    setting, so the commands choose it, not the library."""
+    from .train.loop import retain_freed_memory
+
+    if device.type == "cpu":
+        retain_freed_memory()
 
 
 def _under_torchrun() -> bool:
@@ -215,6 +225,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     threads = args.threads or max(1, (os.cpu_count() or 1) // world)
     cfg = load_config(args.recipe, [*overrides, f"batch_size={args.batch_size // world}", f"threads={threads}"])
     torch.set_num_threads(cfg.threads)
+    _retain_freed_memory(device)
     dist.setup(args.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", dist.local_rank())
@@ -248,61 +259,19 @@ def cmd_recipes(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """Evaluate a trained model on a dataset's test split: top-1, top-5, loss, per-class accuracy."""
+    from .train import evaluate_checkpoint
 
-    from .data.datasets import build_dataset, dataset_info, eval_transform
-    from .data.loader import BatchSource
-    from .models.checkpoint import load_trained, run_records
-    from .train.config import Config
-    from .train.loop import compile_for_inference, configure_for_device, evaluate
-    from .train.report import plot_confusion
-
-    out = Path(args.out) if args.out else None
-    if out is not None:  # before the evaluation, not after it
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise CCTError(f"cannot write {out}: {e.strerror or e}") from None
-    source = _weights_source(args)
-    model, meta = load_trained(source, args.model)
-    dataset = args.dataset or meta.get("dataset")
-    if not dataset:
-        raise UsageError("the checkpoint does not name its dataset: pass --dataset NAME")
-    info = dataset_info(dataset)
-    split = info.eval_split
-    # as the run evaluated: its own held-out part (a folder's val split depends on val_fraction and seed, Flowers'
-    # on its scheme) and its test-time flip (config.yaml of a run directory; the JSON beside shipped weights)
-    summary, recipe = run_records(Path(source)) if dataset == meta.get("dataset") else (None, None)
-    summary, recipe = summary or {}, recipe or {}
-    split_options = {key: recipe[key] for key in ("val_fraction", "seed", "flowers_split") if key in recipe}
-    data = build_dataset(dataset, split, root=_data_root(args.data_dir), download=args.download, **split_options)
-    if len(data.classes) != model.num_classes:
-        raise CCTError(f"{dataset} has {len(data.classes)} classes but the model predicts {model.num_classes}")
-    if not info.in_memory:
-        data.transform = eval_transform(model.img_size[0])
     device = _device(args.device)
-    model.to(device)
-    flip = args.flip if args.flip is not None else bool(recipe.get("test_time_flip",
-                                                                   summary.get("test_time_flip", False)))
-    cfg = Config(precision=args.precision, eval_batch_size=args.batch_size, test_time_flip=flip)
-    configure_for_device(model, device, cfg.precision)
-    runner = compile_for_inference(model) if args.compile else model
-    result = evaluate(runner, BatchSource(data, device, args.workers), meta["mean"], meta["std"], cfg, device,
-                      model.num_classes)
-    confusion = result.pop("confusion")
-    report = dict(model=meta["model"], checkpoint=str(args.checkpoint), dataset=dataset, split=split,
-                  top1=result["top1"], top5=result["top5"], loss=result["loss"], images=result["images"],
-                  per_class_top1=dict(zip(data.classes, result["per_class_top1"], strict=True)))
-    if out is not None:
-        try:
-            plot_confusion(confusion, data.classes, out / "confusion.png", title=f"{meta['model']} on {dataset}")
-            (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-        except OSError as e:
-            raise CCTError(f"cannot write into {out}: {e.strerror or e}") from None
+    _retain_freed_memory(device)
+    report = evaluate_checkpoint(
+        _weights_source(args), args.dataset, model_name=args.model, data_root=_data_root(args.data_dir),
+        download=args.download, precision=args.precision, batch_size=args.batch_size, workers=args.workers,
+        flip=args.flip, compile=args.compile, device=device, out=Path(args.out) if args.out else None)
     if args.json:
         _print_json(report)
         return
-    print(f"{report['model']} on {dataset}/{split} ({report['images']} images): top-1 {report['top1']:.2f}%  "
-          f"top-5 {report['top5']:.2f}%  loss {report['loss']:.4f}")
+    print(f"{report['model']} on {report['dataset']}/{report['split']} ({report['images']} images): "
+          f"top-1 {report['top1']:.2f}%  top-5 {report['top5']:.2f}%  loss {report['loss']:.4f}")
     for name, acc in report["per_class_top1"].items():
         print(f"  {name:<24}{acc:6.2f}%")
 
@@ -316,9 +285,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
     else:
         args.checkpoint = None
     from .data.datasets import eval_transform
-    from .models.checkpoint import load_trained
+    from .train.runs import load_trained
 
     model, meta = load_trained(_weights_source(args), args.model)
+    _retain_freed_memory(_device("cpu"))
     transform = eval_transform(model.img_size[0], crop_pct=1.0)
     readable, unreadable = [], []  # like `cat` or `file`: every image that can be read is classified
     for path in args.images:
@@ -383,9 +353,9 @@ def _decode(path: str):
 
 def cmd_export(args: argparse.Namespace) -> None:
     """Export a trained model to ONNX (dynamic batch), safetensors or TorchScript."""
-    from .models.export import export_model
+    from .train.runs import export_trained
 
-    out = export_model(_weights_source(args), args.format, Path(args.output), model_name=args.model)
+    out = export_trained(_weights_source(args), args.format, Path(args.output), model_name=args.model)
     print(f"wrote {out}")
 
 
@@ -393,14 +363,14 @@ def cmd_push(args: argparse.Namespace) -> None:
     """Upload a trained model to the Hugging Face Hub as a timm-compatible model folder."""
     import tempfile
 
-    from .models.export import export_model
     from .models.hub import is_hub_folder, push_to_hub
+    from .train.runs import export_trained
 
     if is_hub_folder(args.checkpoint):
         url = push_to_hub(Path(args.checkpoint), args.repo_id, args.token)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            folder = export_model(args.checkpoint, "hub", Path(tmp) / "model", model_name=args.model)
+            folder = export_trained(args.checkpoint, "hub", Path(tmp) / "model", model_name=args.model)
             url = push_to_hub(folder, args.repo_id, args.token)
     print(f"pushed to {url}")
 

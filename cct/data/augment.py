@@ -1,10 +1,10 @@
 """Batched training augmentation: every op runs on the whole batch, each image with its own random draw.
 
-Why not ``torchvision.transforms.v2`` per image: on a CPU the per-image Python transforms cost more than the
+Why not `torchvision.transforms.v2` per image: on a CPU the per-image Python transforms cost more than the
 model itself (a per-image RandAugment takes ~33 ms for 128 CIFAR images on a 2-core machine, the whole
 training step of the smallest CCT ~90 ms), and they need DataLoader worker processes to hide that cost. Here
 each op is a handful of tensor kernels over the batch (or over the subset of the batch that drew it,
-gathered with ``index_select`` and scattered back with ``index_copy_``), so the full CIFAR pipeline (crop,
+gathered with `index_select` and scattered back with `index_copy_`), so the full CIFAR pipeline (crop,
 flip, AutoAugment, Mixup/CutMix, random erasing, normalise) costs a few milliseconds per batch and runs on
 whatever device the batch lives on (CPU or GPU).
 
@@ -12,8 +12,8 @@ Semantics follow torchvision (ops, magnitude bins, signed magnitudes, fill 0, ne
 geometric ops, uint8 rounding after every op) and timm (RandAugment strings, Mixup/CutMix "batch" mode,
 random erasing "pixel" mode). Images travel between ops as float32 tensors holding uint8 values (0..255,
 integral), truncated or rounded wherever torchvision's uint8 kernels truncate or round, so results match
-torchvision to within one grey level. All randomness comes from the ``torch.Generator`` passed to
-``BatchAugment.__call__``.
+torchvision to within one grey level. All randomness comes from the `torch.Generator` passed to
+`BatchAugment.__call__`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from cct.errors import UsageError
 
 __all__ = ["OPS", "BatchAugment", "apply_op", "crop_flip", "erase", "normalize", "resized_crop"]
 
-#: Names of the ops understood by :func:`apply_op`: torchvision's AutoAugment family + timm's SolarizeAdd.
+#: Names of the ops understood by `apply_op`: torchvision's AutoAugment family + timm's SolarizeAdd.
 OPS: tuple[str, ...] = (
     "Identity",
     "ShearX",
@@ -165,7 +165,7 @@ _COLOUR_FNS = {
 
 def _geometric_theta(op: torch.Tensor, p: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Inverse affine matrices [n, 2, 3] (float64, pixel units, origin at the image centre), as torchvision's
-    ``_get_inverse_affine_matrix`` builds them for its AutoAugment calls of ``affine``/``rotate``."""
+    `_get_inverse_affine_matrix` builds them for its AutoAugment calls of `affine`/`rotate`."""
     n = op.shape[0]
     zero, one = torch.zeros_like(p), torch.ones_like(p)
     rad = torch.deg2rad(-torch.remainder(p, 360.0))
@@ -184,7 +184,7 @@ def _geometric_theta(op: torch.Tensor, p: torch.Tensor, h: int, w: int) -> torch
 
 def _warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """Nearest-neighbour warp with zero fill, each image with its own inverse matrix (as torchvision's
-    ``_affine_grid`` + ``grid_sample`` do for one image: pixel-centre coordinates about the image centre,
+    `_affine_grid` + `grid_sample` do for one image: pixel-centre coordinates about the image centre,
     normalised by half the size, align_corners=False)."""
     n, _, h, w = x.shape
     dev = x.device
@@ -201,7 +201,7 @@ def _warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
 
 
 def _apply_ops(x: torch.Tensor, op: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Applies op ``op[i]`` (index into OPS; -1 = none) with argument ``p[i]`` to image ``i``, in place.
+    """Applies op `op[i]` (index into OPS; -1 = none) with argument `p[i]` to image `i`, in place.
 
     The images that drew an op are gathered once, sorted by op, so that each op runs on one contiguous slice
     (and the geometric ops, adjacent in OPS, on one slice with a single warp); then scattered back."""
@@ -236,11 +236,11 @@ def apply_op(
 ) -> torch.Tensor:
     """Applies one named op to a batch of images, each with its own argument (for tests and ad-hoc use).
 
-    ``images``: uint8, or float holding uint8 values, [n, C, H, W]; the result has the same dtype.
-    ``arg`` (scalar or one per image) is the op's *native* argument, the one torchvision's functional takes:
+    `images`: uint8, or float holding uint8 values, [n, C, H, W]; the result has the same dtype.
+    `arg` (scalar or one per image) is the op's *native* argument, the one torchvision's functional takes:
     factor for Brightness/Color/Contrast/Sharpness, bits for Posterize, threshold in pixel values for
     Solarize, pixels for TranslateX/Y, degrees (counter-clockwise) for Rotate, the shear factor m for ShearX/Y
-    (torchvision's ``affine(shear=degrees(atan(m)), center=[0, 0])``), the added value for SolarizeAdd;
+    (torchvision's `affine(shear=degrees(atan(m)), center=[0, 0])`), the added value for SolarizeAdd;
     ignored by Identity/AutoContrast/Equalize/Invert.
     """
     if op not in _OP_ID:
@@ -296,7 +296,7 @@ def _tv_magnitudes(
 
 
 def _tv_native(op: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """torchvision's signed magnitude -> the op's native argument (``_apply_image_or_video_transform``)."""
+    """torchvision's signed magnitude -> the op's native argument (`_apply_image_or_video_transform`)."""
     enh = (
         (op == _OP_ID["Brightness"])
         | (op == _OP_ID["Color"])
@@ -514,10 +514,10 @@ _RULES = (
 
 
 class _RandAugment:
-    """timm RandAugment from a config string such as ``rand-m9-n2-mstd0.5`` (keys m, n, mstd, mmax, p, inc).
+    """timm RandAugment from a config string such as `rand-m9-n2-mstd0.5` (keys m, n, mstd, mmax, p, inc).
 
     Per image and layer: an op drawn uniformly (with replacement), applied with probability p (0.5), magnitude
-    ``m + mstd * N(0, 1)`` (uniform in [0, m] if mstd > 100) clipped to [0, mmax], mapped to the op's argument
+    `m + mstd * N(0, 1)` (uniform in [0, m] if mstd > 100) clipped to [0, mmax], mapped to the op's argument
     with timm's level rules.  Ops are timm's (PIL) ops with torchvision's tensor semantics: nearest
     interpolation and fill 0 for the geometric ops (timm: PIL, random bilinear/bicubic, mean-colour fill).
     """
@@ -601,7 +601,7 @@ def _aa_weights(
 ) -> torch.Tensor:
     """[n, size_out, size_in] resampling matrices for a bilinear resize of the window [start, start+length)
     to size_out pixels, with antialiasing when shrinking (the triangle filter widened by the scale, as
-    ``interpolate(mode="bilinear", antialias=True)`` does).  ``flip`` mirrors the output."""
+    `interpolate(mode="bilinear", antialias=True)` does).  `flip` mirrors the output."""
     dev = start.device
     scale = (length.to(torch.float64) / size_out).view(-1, 1, 1)
     support = scale.clamp(min=1.0)
@@ -661,7 +661,7 @@ def erase(
     values: torch.Tensor,
 ) -> torch.Tensor:
     """Returns images with box i (top, left, height, width; height 0 = none) of image i replaced by the same
-    pixels of ``values`` (broadcastable to images): torchvision's ``erase``, batched with per-image boxes."""
+    pixels of `values` (broadcastable to images): torchvision's `erase`, batched with per-image boxes."""
     mask = _box_mask(images.shape, top, left, height, width)
     return torch.where(mask, values.to(images.dtype), images)
 
@@ -674,8 +674,8 @@ def crop_flip(
     flip: torch.Tensor,
     padding: int = 0,
 ) -> torch.Tensor:
-    """Zero-pads every side by ``padding``, crops size x size at (top, left) of the padded image i (per-image
-    offsets) and mirrors the images where ``flip`` is set: torchvision's pad + crop + hflip, as one gather."""
+    """Zero-pads every side by `padding`, crops size x size at (top, left) of the padded image i (per-image
+    offsets) and mirrors the images where `flip` is set: torchvision's pad + crop + hflip, as one gather."""
     b, c, h, w = images.shape
     src = images.contiguous()
     if padding:
@@ -708,7 +708,7 @@ def normalize(
     channels_last: bool = True,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Eval-time path: uint8 [B, C, H, W] -> (x / 255 - mean) / std as ``dtype``, channels_last if asked.
+    """Eval-time path: uint8 [B, C, H, W] -> (x / 255 - mean) / std as `dtype`, channels_last if asked.
 
     One fused multiply-add per pixel, done in float32 on the images' device, then cast."""
     scale, shift = _mean_std(mean, std, images_uint8.device)
@@ -731,8 +731,8 @@ class BatchAugment:
     normalise, random erasing (timm "pixel" mode: N(0, 1) noise in normalised space), Mixup/CutMix (timm
     "batch" mode: one lambda and one mixup-or-cutmix choice per batch, partner = the flipped batch, CutMix's
     lambda corrected by the clipped box area) with label smoothing folded into the soft targets.
-    Every image draws its own crop, flip, ops, magnitudes, signs and erasing box from ``generator``, so one
-    seed fixes a batch exactly.  ``auto_augment``: None, "cifar10" / "imagenet" (torchvision AutoAugment
+    Every image draws its own crop, flip, ops, magnitudes, signs and erasing box from `generator`, so one
+    seed fixes a batch exactly.  `auto_augment`: None, "cifar10" / "imagenet" (torchvision AutoAugment
     policies), "trivial" (TrivialAugmentWide), or a timm RandAugment string such as "rand-m9-n2-mstd0.5"
     (keys m, n, mstd, mmax, p, inc).
     """
@@ -950,7 +950,7 @@ class BatchAugment:
         self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """images: uint8 [B, C, H, W] on any device; labels: int64 [B].  Returns normalised images
-        [B, C, S, S] (``dtype``, channels_last if set) and float32 soft targets [B, num_classes] with label
+        [B, C, S, S] (`dtype`, channels_last if set) and float32 soft targets [B, num_classes] with label
         smoothing and Mixup/CutMix folded in."""
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"expected uint8 images [B, C, H, W], got {images.dtype} {tuple(images.shape)}")

@@ -1,20 +1,20 @@
 """Datasets for training and evaluating CCT models: CIFAR-10/100, Oxford Flowers-102, ImageNet, image folders.
 
-Two kinds of dataset come out of :func:`build_dataset`:
+Two kinds of dataset come out of `build_dataset`:
 
-* :class:`InMemoryImages` (CIFAR-10/100): every image of the split as one contiguous uint8 tensor
-  ``N x 3 x H x W``. Loading is a numpy reshape of the pickled batches (well under a second for CIFAR-10
+* `InMemoryImages` (CIFAR-10/100): every image of the split as one contiguous uint8 tensor
+  `N x 3 x H x W`. Loading is a numpy reshape of the pickled batches (well under a second for CIFAR-10
   train), so the trainer can move the whole split to the GPU and augment it there in batches.
-* :class:`ImageFiles` (flowers102, imagenet, ``folder:PATH``): a list of image files decoded on demand in
-  DataLoader workers. Its ``transform`` (see :func:`train_transform` and :func:`eval_transform`) turns one
-  decoded uint8 image into a fixed-size uint8 ``3 x S x S`` crop; flips, normalisation and other
+* `ImageFiles` (flowers102, imagenet, `folder:PATH`): a list of image files decoded on demand in
+  DataLoader workers. Its `transform` (see `train_transform` and `eval_transform`) turns one
+  decoded uint8 image into a fixed-size uint8 `3 x S x S` crop; flips, normalisation and other
   augmentations happen later, batched. A bad file (corrupt, truncated, empty, not an image, too many
-  pixels) yields ``None`` and one logged warning instead of killing the epoch; :func:`collate_skip_bad`
+  pixels) yields `None` and one logged warning instead of killing the epoch; `collate_skip_bad`
   drops those items and counts them.
 
-Where data lives: ``--data-dir``, else the environment variable ``CCT_DATA``, else ``./data``
-(:func:`resolve_data_root`). Missing files raise :class:`~cct.errors.CCTError` with a one-line message
-naming the expected files and how to get them; wrong names raise :class:`~cct.errors.UsageError`.
+Where data lives: `--data-dir`, else the environment variable `CCT_DATA`, else `./data`
+(`resolve_data_root`). Missing files raise `CCTError` with a one-line message
+naming the expected files and how to get them; wrong names raise `UsageError`.
 """
 
 from __future__ import annotations
@@ -59,11 +59,11 @@ __all__ = [
 log = logging.getLogger("cct.data")
 
 #: Images whose header claims more pixels than this are refused as bad files before decoding
-#: (a decompression bomb guard; the same figure as Pillow's default ``Image.MAX_IMAGE_PIXELS``).
+#: (a decompression bomb guard; the same figure as Pillow's default `Image.MAX_IMAGE_PIXELS`).
 #: A module constant so that a deployment (or a test) can change it.
 MAX_IMAGE_PIXELS: int = 89_478_485
 
-#: File name endings that :class:`ImageFiles` picks up from a folder tree (compared case-insensitively).
+#: File name endings that `ImageFiles` picks up from a folder tree (compared case-insensitively).
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 # Formats (as Pillow names them) that torchvision.io decodes natively; others go through Pillow. Not PNG:
@@ -79,9 +79,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class DatasetInfo:
     """What the trainer needs to know about a dataset before loading it.
 
-    ``num_classes`` is None for ``folder:PATH`` (it depends on the tree). ``mean``/``std`` are per-channel
-    statistics of pixels scaled to [0, 1], used for normalisation. ``in_memory`` says whether
-    :func:`build_dataset` returns an :class:`InMemoryImages` (True) or an :class:`ImageFiles` (False).
+    `num_classes` is None for `folder:PATH` (it depends on the tree). `mean`/`std` are per-channel
+    statistics of pixels scaled to [0, 1], used for normalisation. `in_memory` says whether
+    `build_dataset` returns an `InMemoryImages` (True) or an `ImageFiles` (False).
     """
 
     name: str
@@ -125,7 +125,7 @@ _FLOWERS_SPLITS = ("official", "cct")
 
 
 def _one_line(text: object, limit: int = 200) -> str:
-    """First non-empty line of ``text``, shortened: log lines and CLI errors must stay on one line."""
+    """First non-empty line of `text`, shortened: log lines and CLI errors must stay on one line."""
     lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
     line = lines[0] if lines else type(text).__name__
     return line if len(line) <= limit else line[: limit - 3] + "..."
@@ -140,7 +140,7 @@ def _unknown(kind: str, value: str, valid: Sequence[str], context: str = "") -> 
 
 
 def resolve_data_root(data_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The folder that holds the datasets: ``data_dir`` (``--data-dir``), else env ``CCT_DATA``, else ./data.
+    """The folder that holds the datasets: `data_dir` (`--data-dir`), else env `CCT_DATA`, else ./data.
 
     Returned as an absolute path so that error messages say exactly where files were looked for.
     """
@@ -154,7 +154,7 @@ def resolve_data_root(data_dir: str | os.PathLike[str] | None = None) -> Path:
 
 
 def _parse_name(name: str) -> tuple[str, Path | None]:
-    """Split ``folder:PATH`` into ("folder", PATH); check that other names are known."""
+    """Split `folder:PATH` into ("folder", PATH); check that other names are known."""
     if not isinstance(name, str):
         raise UsageError(f"dataset name must be a string, got {name!r}")
     key = name.strip()
@@ -172,7 +172,7 @@ def _parse_name(name: str) -> tuple[str, Path | None]:
 
 
 def dataset_info(name: str) -> DatasetInfo:
-    """The :class:`DatasetInfo` for a dataset name, accepting the ``folder:PATH`` form."""
+    """The `DatasetInfo` for a dataset name, accepting the `folder:PATH` form."""
     key, _ = _parse_name(name)
     return DATASETS[key]
 
@@ -191,8 +191,8 @@ def _check_split(key: str, split: str) -> str:
 class InMemoryImages(Dataset):
     """A whole split held as one uint8 tensor (CIFAR-10/100).
 
-    Attributes: ``images`` (uint8, ``N x 3 x H x W``, contiguous), ``labels`` (int64, ``N``), ``classes``
-    (names, index = label). ``transform``, if set, is applied to each image in ``__getitem__``; by default
+    Attributes: `images` (uint8, `N x 3 x H x W`, contiguous), `labels` (int64, `N`), `classes`
+    (names, index = label). `transform`, if set, is applied to each image in `__getitem__`; by default
     items are the raw stored images, because the trainer augments in-memory data in batches.
     """
 
@@ -252,7 +252,7 @@ _CIFAR = {
 
 
 def _cifar_folder(spec: dict[str, Any], root: Path) -> Path:
-    """``<root>/<folder>``; also accept ``root`` being that folder itself (a common --data-dir mistake)."""
+    """`<root>/<folder>`; also accept `root` being that folder itself (a common --data-dir mistake)."""
     if root.name == spec["folder"] and (root / spec["meta"]).is_file():
         return root
     return root / spec["folder"]
@@ -264,7 +264,7 @@ def _cifar_missing(spec: dict[str, Any], folder: Path) -> list[str]:
 
 
 def _download_cifar(spec: dict[str, Any], root: Path) -> None:
-    """Fetch and unpack the CIFAR archive into ``root`` with torchvision's downloader (checks its MD5)."""
+    """Fetch and unpack the CIFAR archive into `root` with torchvision's downloader (checks its MD5)."""
     from torchvision import datasets as tvd
     from torchvision.datasets.utils import download_and_extract_archive
 
@@ -348,7 +348,7 @@ def _load_cifar(key: str, split: str, root: Path, download: bool) -> InMemoryIma
 
 
 class BadImage(Exception):
-    """Raised by :func:`decode_image_file` for a file that is not a usable image; the message says why."""
+    """Raised by `decode_image_file` for a file that is not a usable image; the message says why."""
 
 
 def _pil_to_tensor(img: Any) -> Tensor:
@@ -371,11 +371,11 @@ def _pil_to_tensor(img: Any) -> Tensor:
 
 
 def decode_image_file(path: str | os.PathLike[str]) -> Tensor:
-    """Decode one image file to a uint8 ``3 x H x W`` RGB tensor, or raise :class:`BadImage` saying why.
+    """Decode one image file to a uint8 `3 x H x W` RGB tensor, or raise `BadImage` saying why.
 
     The header is read first (Pillow reads only the header on open) and images with more than
     :data:`MAX_IMAGE_PIXELS` pixels are refused, so a decompression bomb never gets decoded. JPEG, GIF and
-    WebP are decoded by torchvision.io (libjpeg-turbo; fast); PNG (see ``_TORCHVISION_FORMATS``), other
+    WebP are decoded by torchvision.io (libjpeg-turbo; fast); PNG (see `_TORCHVISION_FORMATS`), other
     formats (BMP, TIFF) and files torchvision cannot handle go through Pillow. Grey, grey+alpha, palette,
     RGBA and CMYK images become 3-channel RGB (alpha is dropped); 16-bit images are scaled to 8 bits
     (value >> 8), not clipped.
@@ -448,7 +448,7 @@ def _interp(name: str) -> Any:
 
 
 class _TrainCrop:
-    """Random-resized crop of a uint8 CHW tensor to S x S (see :func:`train_transform`)."""
+    """Random-resized crop of a uint8 CHW tensor to S x S (see `train_transform`)."""
 
     def __init__(self, img_size: int, scale: tuple[float, float], ratio: tuple[float, float],
                  interpolation: str):
@@ -464,7 +464,7 @@ class _TrainCrop:
         self.interpolation = _interp(interpolation)
 
     def params(self, height: int, width: int) -> tuple[int, int, int, int]:
-        """(top, left, h, w) of a random box covering ``scale`` of the area with aspect ratio in ``ratio``."""
+        """(top, left, h, w) of a random box covering `scale` of the area with aspect ratio in `ratio`."""
         area = height * width
         log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
         for _ in range(10):
@@ -500,7 +500,7 @@ class _TrainCrop:
 
 
 class _EvalCrop:
-    """Resize the shorter side to S / crop_pct, then a central S x S crop (see :func:`eval_transform`)."""
+    """Resize the shorter side to S / crop_pct, then a central S x S crop (see `eval_transform`)."""
 
     # Images more elongated than this are first cut to this aspect ratio around their centre, so that a
     # 1 x 50000 strip is not resized into a gigantic tensor; the final central crop lies inside that cut.
@@ -535,23 +535,23 @@ class _EvalCrop:
 def train_transform(img_size: int, scale: tuple[float, float] = (0.08, 1.0),
                     ratio: tuple[float, float] = (3 / 4, 4 / 3),
                     interpolation: str = "bicubic") -> Callable[[Tensor], Tensor]:
-    """Per-image training transform for :class:`ImageFiles`: random-resized crop to ``img_size``.
+    """Per-image training transform for `ImageFiles`: random-resized crop to `img_size`.
 
-    Runs in DataLoader workers on one decoded uint8 ``3 x H x W`` tensor and returns uint8
-    ``3 x img_size x img_size``. It samples a box covering a fraction in ``scale`` of the image area with
-    aspect ratio (log-uniform) in ``ratio`` (10 tries, then the largest central box with an allowed aspect
-    ratio), like torchvision's RandomResizedCrop, using torch's RNG (seeded per worker by the DataLoader).
+    Runs in DataLoader workers on one decoded uint8 `3 x H x W` tensor and returns uint8
+    `3 x img_size x img_size`. It samples a box covering a fraction in `scale` of the image area with
+    aspect ratio (log-uniform) in `ratio` (10 tries, then the largest central box with an allowed aspect
+    ratio), like torchvision's RandomResizedCrop, using torch's RNG (`BatchSource` seeds it per image).
     There is no flip here: flips and the other augmentations run later on whole batches.
-    The returned object is picklable (works with the ``spawn`` start method).
+    The returned object is picklable (works with the `spawn` start method).
     """
     return _TrainCrop(img_size, scale, ratio, interpolation)
 
 
 def eval_transform(img_size: int, crop_pct: float = 0.875,
                    interpolation: str = "bicubic") -> Callable[[Tensor], Tensor]:
-    """Per-image evaluation transform: shorter side to ``floor(img_size / crop_pct)``, central square crop.
+    """Per-image evaluation transform: shorter side to `floor(img_size / crop_pct)`, central square crop.
 
-    Returns uint8 ``3 x img_size x img_size``; deterministic. The standard ImageNet evaluation protocol
+    Returns uint8 `3 x img_size x img_size`; deterministic. The standard ImageNet evaluation protocol
     (crop_pct 0.875 is the classic 256 -> 224; CCT's timm recipes use 0.9). Images more elongated than 4:1
     are first cut to 4:1 around their centre to bound the memory of the resize; the output is the same
     central region either way.
@@ -565,20 +565,20 @@ def eval_transform(img_size: int, crop_pct: float = 0.875,
 class ImageFiles(Dataset):
     """Image files decoded on demand (flowers102, imagenet, folder:PATH).
 
-    Attributes: ``samples`` (list of (path, label), built on demand), ``labels`` (int64 tensor),
-    ``classes`` (human-readable names, index = label), ``class_ids`` (the folder names / WordNet ids),
-    ``transform`` (set by the loader to :func:`train_transform` or :func:`eval_transform`; with None, items
-    are full-size decoded images), ``strict_images``, and ``skipped``.
+    Attributes: `samples` (list of (path, label), built on demand), `labels` (int64 tensor),
+    `classes` (human-readable names, index = label), `class_ids` (the folder names / WordNet ids),
+    `transform` (set by the loader to `train_transform` or `eval_transform`; with None, items
+    are full-size decoded images), `strict_images`, and `skipped`.
 
-    ``__getitem__`` returns ``(uint8 3 x S x S tensor, label)``, or ``None`` for a bad file after logging one
-    warning line naming it on the "cct.data" logger (once per file per process), unless ``strict_images``
-    is set, in which case it raises :class:`~cct.errors.CCTError` naming the file.
+    `__getitem__` returns `(uint8 3 x S x S tensor, label)`, or `None` for a bad file after logging one
+    warning line naming it on the "cct.data" logger (once per file per process), unless `strict_images`
+    is set, in which case it raises `CCTError` naming the file.
 
-    ``skipped`` counts the ``None`` items returned *by this process's copy* of the dataset. DataLoader
-    workers each have their own copy, so with ``num_workers > 0`` the counter in the main process stays 0:
-    sum the third element returned by :func:`collate_skip_bad` instead.
+    `skipped` counts the `None` items returned *by this process's copy* of the dataset. DataLoader
+    workers each have their own copy, so with `num_workers > 0` the counter in the main process stays 0:
+    sum the third element returned by `collate_skip_bad` instead.
 
-    Paths are stored as one numpy byte-string array relative to ``root`` (not a list of Python strings),
+    Paths are stored as one numpy byte-string array relative to `root` (not a list of Python strings),
     which keeps a 1.28M-image ImageNet index small and avoids copy-on-read memory growth in forked workers.
     """
 
@@ -600,7 +600,7 @@ class ImageFiles(Dataset):
         self._warned: set[int] = set()
 
     def path(self, index: int) -> Path:
-        """The file of item ``index``."""
+        """The file of item `index`."""
         return self.root / os.fsdecode(bytes(self._rel[index]))
 
     @property
@@ -640,12 +640,12 @@ class ImageFiles(Dataset):
 
 
 def collate_skip_bad(batch: Sequence[tuple[Tensor, int] | None]) -> tuple[Tensor, Tensor, int]:
-    """DataLoader ``collate_fn`` that drops bad items: returns (uint8 B x 3 x S x S, int64 B, n_skipped).
+    """DataLoader `collate_fn` that drops bad items: returns (uint8 B x 3 x S x S, int64 B, n_skipped).
 
-    ``None`` items (bad files, see :class:`ImageFiles`) are removed and counted, so one bad file never ends
-    an epoch; the trainer sums ``n_skipped`` into the run summary. A batch made only of bad files gives
-    ``B = 0`` (images of shape ``0 x 3 x 0 x 0``): skip such a step. All images must have the same size,
-    i.e. the dataset needs a ``transform``.
+    `None` items (bad files, see `ImageFiles`) are removed and counted, so one bad file never ends
+    an epoch; the trainer sums `n_skipped` into the run summary. A batch made only of bad files gives
+    `B = 0` (images of shape `0 x 3 x 0 x 0`): skip such a step. All images must have the same size,
+    i.e. the dataset needs a `transform`.
     """
     good = [item for item in batch if item is not None]
     n_skipped = len(batch) - len(good)
@@ -661,13 +661,13 @@ def _is_image_name(name: str) -> bool:
 
 
 def _list_class_dirs(folder: Path) -> list[str]:
-    """Sorted names of the visible subfolders of ``folder`` (one per class)."""
+    """Sorted names of the visible subfolders of `folder` (one per class)."""
     with os.scandir(folder) as it:
         return sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir())
 
 
 def _list_images(folder: Path) -> list[str]:
-    """Sorted relative paths of image files under ``folder`` (recursively, following the tree)."""
+    """Sorted relative paths of image files under `folder` (recursively, following the tree)."""
     found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -680,9 +680,9 @@ def _list_images(folder: Path) -> list[str]:
 
 
 def _scan_class_tree(folder: Path, classes: Sequence[str], what: str) -> list[tuple[str, int]]:
-    """(path relative to ``folder``, label) for every image in ``folder/<class>/``, in a stable order.
+    """(path relative to `folder`, label) for every image in `folder/<class>/`, in a stable order.
 
-    Class folders of ``folder`` must all be in ``classes`` (the training split's classes), otherwise labels
+    Class folders of `folder` must all be in `classes` (the training split's classes), otherwise labels
     would silently mean different things in train and val.
     """
     present = _list_class_dirs(folder)
@@ -698,7 +698,7 @@ def _scan_class_tree(folder: Path, classes: Sequence[str], what: str) -> list[tu
 
 
 def _allocate(n: int, fractions: Sequence[float]) -> list[int]:
-    """Split ``n`` into parts proportional to ``fractions`` (largest-remainder rounding; sums to ``n``)."""
+    """Split `n` into parts proportional to `fractions` (largest-remainder rounding; sums to `n`)."""
     raw = [n * f for f in fractions]
     counts = [math.floor(r) for r in raw]
     order = sorted(range(len(raw)), key=lambda i: (-(raw[i] - counts[i]), i))
@@ -708,9 +708,9 @@ def _allocate(n: int, fractions: Sequence[float]) -> list[int]:
 
 
 def _stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: int) -> list[list[int]]:
-    """Deterministic stratified split of item indices into ``len(fractions)`` parts.
+    """Deterministic stratified split of item indices into `len(fractions)` parts.
 
-    The totals of each part follow ``fractions`` exactly (largest remainder over the whole set); each class
+    The totals of each part follow `fractions` exactly (largest remainder over the whole set); each class
     then gets its proportional share of each part (largest remainder again, with the per-part totals
     respected), and its items are shuffled with a generator seeded by (seed, class). Part 0 (train) always
     keeps at least one item of every class. Depends only on the labels, their order and the seed.
@@ -750,7 +750,7 @@ def _stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: i
 
 
 def _flowers_class_names() -> list[str]:
-    """The 102 Oxford flower names in label order, from torchvision (``class_001``.. if it lacks them)."""
+    """The 102 Oxford flower names in label order, from torchvision (`class_001`.. if it lacks them)."""
     try:
         from torchvision.datasets import Flowers102
 
@@ -806,7 +806,7 @@ def _flowers_present(root: Path, download: bool) -> Path:
 
 def _load_flowers(split: str, root: Path, download: bool, flowers_split: str, seed: int,
                   strict_images: bool) -> ImageFiles:
-    """Oxford Flowers-102 in torchvision's layout; see :func:`build_dataset` for the two split schemes."""
+    """Oxford Flowers-102 in torchvision's layout; see `build_dataset` for the two split schemes."""
     base = _flowers_present(root, download)
     labels_all = np.asarray(_load_mat(base / "imagelabels.mat").get("labels"), dtype=np.int64).reshape(-1) - 1
     if labels_all.size == 0 or labels_all.min() < 0 or labels_all.max() >= 102:
@@ -880,7 +880,7 @@ def _folder_present(path: Path) -> None:
 
 
 def _load_folder(path: Path, split: str, val_fraction: float, seed: int, strict_images: bool) -> ImageFiles:
-    """An ImageFolder-style tree; see :func:`build_dataset`."""
+    """An ImageFolder-style tree; see `build_dataset`."""
     _folder_present(path)
     subdirs = set(_list_class_dirs(path))
     split_layout = "train" in subdirs and subdirs <= {"train", "val", "test"}
@@ -921,9 +921,9 @@ def _load_folder(path: Path, split: str, val_fraction: float, seed: int, strict_
 
 def ensure_dataset(name: str, splits: Sequence[str], root: str | os.PathLike[str] | None = None, *,
                    download: bool = False) -> None:
-    """Check that the files of dataset ``name`` for ``splits`` are where :func:`build_dataset` looks, without
-    reading them, downloading them first where that is possible and ``download`` is set. The same one-line
-    errors as :func:`build_dataset`, early: `cct train` calls it before it starts its training processes, so a
+    """Check that the files of dataset `name` for `splits` are where `build_dataset` looks, without
+    reading them, downloading them first where that is possible and `download` is set. The same one-line
+    errors as `build_dataset`, early: `cct train` calls it before it starts its training processes, so a
     missing dataset is one message rather than one per process, and one download rather than a race."""
     key, folder_path = _parse_name(name)
     checked = [_check_split(key, split) for split in splits]
@@ -943,32 +943,45 @@ def ensure_dataset(name: str, splits: Sequence[str], root: str | os.PathLike[str
 def build_dataset(name: str, split: str, root: str | os.PathLike[str] | None = None, *,
                   download: bool = False, flowers_split: str = "official", val_fraction: float = 0.1,
                   seed: int = 0, strict_images: bool = False) -> InMemoryImages | ImageFiles:
-    """Load split ``split`` of dataset ``name`` from ``root`` (default: :func:`resolve_data_root`).
+    """Load split `split` of dataset `name` from `root` (default: `resolve_data_root`).
 
-    Names and layouts under ``root``:
+    Names and layouts under `root`:
 
-    * ``cifar10``: ``cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}``; ``cifar100``:
-      ``cifar-100-python/{train,test,meta}`` (fine labels). Splits train / test ("val" is an alias of test).
-      Read straight from the pickles (no MD5 check, so re-packed copies load too). ``download=True`` fetches
+    * `cifar10`: `cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}`; `cifar100`:
+      `cifar-100-python/{train,test,meta}` (fine labels). Splits train / test ("val" is an alias of test).
+      Read straight from the pickles (no MD5 check, so re-packed copies load too). `download=True` fetches
       the archive with torchvision's downloader when files are missing.
-    * ``flowers102``: ``flowers-102/{jpg/image_NNNNN.jpg,imagelabels.mat,setid.mat}`` (torchvision's layout,
-      so ``download=True`` uses torchvision). ``flowers_split="official"`` gives the official splits from
-      setid.mat (train 1,020 / val 1,020 / test 6,149). ``flowers_split="cct"`` gives the much larger
+    * `flowers102`: `flowers-102/{jpg/image_NNNNN.jpg,imagelabels.mat,setid.mat}` (torchvision's layout,
+      so `download=True` uses torchvision). `flowers_split="official"` gives the official splits from
+      setid.mat (train 1,020 / val 1,020 / test 6,149). `flowers_split="cct"` gives the much larger
       training split the CCT authors used (6,552 train / 818 val / 819 test of all 8,189 images; training
       on the small official split gives about 62% instead of the paper's ~97%). The authors' file lists are
       not available, so this is *not* their exact split: it is a deterministic split stratified by class,
-      with exactly those sizes, shuffled per class with ``seed``.
-    * ``imagenet``: ``imagenet/{train,val}/<wnid>/*.JPEG`` (ILSVRC-2012, val sorted into class folders).
+      with exactly those sizes, shuffled per class with `seed`.
+    * `imagenet`: `imagenet/{train,val}/<wnid>/*.JPEG` (ILSVRC-2012, val sorted into class folders).
       Class names come from the bundled wnid table; an unknown wnid is its own name.
-    * ``folder:PATH``: an ImageFolder tree (PATH relative to the working directory, not to ``root``). If
-      PATH holds ``train/`` and ``val/`` (or ``test/``), those are the splits; otherwise ``val_fraction`` of
-      each class is held out as "val" (stratified, deterministic for a given ``seed``; keep the seed fixed
+    * `folder:PATH`: an ImageFolder tree (PATH relative to the working directory, not to `root`). If
+      PATH holds `train/` and `val/` (or `test/`), those are the splits; otherwise `val_fraction` of
+      each class is held out as "val" (stratified, deterministic for a given `seed`; keep the seed fixed
       to compare runs) and the rest is "train". "test" is accepted as an alias of "val" when there is no
       separate test folder. Classes are the sorted subfolder names of the training folder.
 
-    ``strict_images=True`` makes a bad image file raise instead of being skipped. Raises
-    :class:`~cct.errors.UsageError` for an unknown name, split or option, and
-    :class:`~cct.errors.CCTError` (one line, naming the expected files) when data are missing.
+    Args:
+        name: `cifar10`, `cifar100`, `flowers102`, `imagenet` or `folder:PATH`.
+        split: `train`, `val` or `test` (aliases as above).
+        root: the folder holding the datasets (default: `resolve_data_root`).
+        download: fetch a missing CIFAR or Flowers-102 archive first.
+        flowers_split: `official` or `cct` (Flowers-102 only).
+        val_fraction: the part of each class held out as "val" (a folder without a val split).
+        seed: the seed of the held-out split (Flowers-102 `cct`, folders without a val split).
+        strict_images: a bad image file raises instead of being skipped.
+
+    Returns:
+        `InMemoryImages` (CIFAR: one uint8 tensor) or `ImageFiles` (decoded on demand; set its `transform`).
+
+    Raises:
+        UsageError: an unknown name, split or option.
+        CCTError: missing data (one line, naming the expected files).
     """
     key, folder_path = _parse_name(name)
     split_l = _check_split(key, split)

@@ -11,16 +11,21 @@ import os
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from .datasets import ImageFiles, InMemoryImages, collate_skip_bad
 
 Batch = tuple[torch.Tensor, torch.Tensor, int]  # uint8 images B x 3 x S x S, int64 labels, images skipped
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch `epoch` of a run seeded with `seed` (its order, its per-image random crops)."""
+    return seed * 100_003 + epoch
+
+
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     """The training order of epoch `epoch`: a permutation depending only on (seed, epoch)."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
     return torch.randperm(num_samples, generator=generator)
 
 
@@ -37,9 +42,42 @@ def steps_per_epoch(num_samples: int, batch_size: int, world_size: int = 1) -> i
     return num_samples // (batch_size * world_size)
 
 
+class _IndexBatches:
+    """The batch sampler of a file dataset's one DataLoader: the (seed, index) batches of the current pass, set
+    before each pass while the workers persist."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[int | None, int]]] = []
+
+    def __iter__(self) -> Iterator[list[tuple[int | None, int]]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _SeededItems(Dataset):
+    """Items of a file dataset by (seed, index): the image's random transform draws from torch's generator
+    seeded with `seed` (where not None), so a crop depends on neither the worker that decodes it nor on where
+    a run resumed."""
+
+    def __init__(self, dataset: ImageFiles):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int | None, int]):
+        seed, index = item
+        if seed is not None:
+            torch.manual_seed(seed)
+        return self.dataset[index]
+
+
 class BatchSource:
     """Yields uint8 batches of a dataset: by indexing one device tensor (in-memory data, no worker, no copy
-    per image) or through DataLoader workers that decode and crop files (pinned memory, persistent workers)."""
+    per image) or through one DataLoader whose workers decode and crop files, started at the first pass and
+    kept for every later one (pinned memory on a GPU)."""
 
     def __init__(self, dataset: InMemoryImages | ImageFiles, device: torch.device, workers: int = 4):
         self.dataset = dataset
@@ -51,21 +89,34 @@ class BatchSource:
         if isinstance(dataset, InMemoryImages):
             self.images = dataset.images.to(device)
             self.labels = dataset.labels.to(device)
+        else:
+            self._plan = _IndexBatches()
+            self.loader = DataLoader(_SeededItems(dataset), batch_sampler=self._plan, num_workers=self.workers,
+                                     collate_fn=collate_skip_bad, pin_memory=device.type == "cuda",
+                                     persistent_workers=self.workers > 0)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def batches(self, index_batches: list[torch.Tensor]) -> Iterator[Batch]:
-        """One batch per index tensor, in order."""
+    def batches(self, index_batches: list[torch.Tensor], seed: int | None = None) -> Iterator[Batch]:
+        """One batch per index tensor, in order.
+
+        Args:
+            index_batches: the sample indices of each batch.
+            seed: for file datasets, each image's random transform is seeded by (`seed`, its index), so a pass
+                over the same batches gives the same crops, whatever the workers (None: not seeded).
+
+        Returns:
+            An iterator of (uint8 images, int64 labels, images skipped) on the source's device.
+        """
         if isinstance(self.dataset, InMemoryImages):
             for idx in index_batches:
                 idx = idx.to(self.device)
                 yield self.images.index_select(0, idx), self.labels.index_select(0, idx), 0
             return
-        loader = DataLoader(self.dataset, batch_sampler=[i.tolist() for i in index_batches],
-                            num_workers=self.workers, collate_fn=collate_skip_bad,
-                            pin_memory=self.device.type == "cuda", persistent_workers=False)
-        for images, labels, skipped in loader:
+        self._plan.batches = [[(None if seed is None else seed * 1_000_003 + i, i) for i in idx.tolist()]
+                              for idx in index_batches]
+        for images, labels, skipped in self.loader:
             yield (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), skipped)
 
 

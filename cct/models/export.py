@@ -7,13 +7,15 @@ import contextlib
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
+from torch import nn
 
 from ..errors import CCTError, UsageError
-from .checkpoint import load_trained, model_metadata, run_records
+from .checkpoint import model_metadata
 from .hub import export_hub_folder
 
 FORMATS = ("onnx", "safetensors", "torchscript", "hub")
@@ -24,15 +26,27 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def export_model(checkpoint: str | os.PathLike, fmt: str, output: Path, model_name: str | None = None) -> Path:
-    """Write `checkpoint`'s model to `output` in format `fmt` ("hub": a Hub model folder); the output is
-    written to a temporary name first and renamed, so a failed export never leaves a half-written file."""
+def export_model(model: nn.Module, meta: dict[str, Any], fmt: str, output: Path,
+                 summary: dict[str, Any] | None = None, recipe: dict[str, Any] | None = None) -> Path:
+    """Write `model` to `output` in format `fmt`; the output is written to a temporary name first and renamed,
+    so a failed export never leaves a half-written file.
+
+    Args:
+        model: the trained model (exported in fp32, eval mode).
+        meta: its metadata (`model`, `classes`, `mean`, `std`, `dataset`, ...), as `cct.train.load_trained`
+            returns it.
+        fmt: one of `FORMATS` ("hub": a Hub model folder).
+        output: the file (a new folder for "hub") to write.
+        summary: the run's summary, for a Hub folder's model card.
+        recipe: the run's recipe, for a Hub folder's model card.
+
+    Returns:
+        The path written.
+    """
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    model, meta = load_trained(checkpoint, model_name)
     model = model.float().eval()
     if fmt == "hub":
-        summary, recipe = run_records(Path(checkpoint))
         return export_hub_folder(model, meta, output, summary=summary, recipe=recipe)
     height, width = model.img_size
     example = torch.zeros(1, 3, height, width)

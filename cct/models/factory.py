@@ -13,6 +13,7 @@ import timm
 from ..errors import CCTError, UsageError
 from .cct import CCT
 from .checkpoint import load_checkpoint
+from .hub import load_hub_folder
 from .registry import VARIANTS
 
 
@@ -41,8 +42,6 @@ def create_model(name: str | None = None, num_classes: int | None = None, img_si
     (per batch, the dropped branch is not computed at all). `pretrained` may also be the path of a Hub model
     folder (see `cct.models.hub`), in which case `name` may be omitted."""
     if isinstance(pretrained, str | os.PathLike) and Path(pretrained).is_dir():
-        from .hub import load_hub_folder
-
         model, meta = load_hub_folder(pretrained)
         if name is not None and name != meta["model"]:
             raise CCTError(f"{pretrained} holds {meta['model']}, not {name}")

@@ -35,7 +35,20 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 @dataclass
 class Config:
-    """Every knob of a training run. Defaults are the paper's CIFAR set-up where it has one."""
+    """Every knob of a training run. Defaults are the paper's CIFAR set-up where it has one.
+
+    Build one with `load_config(recipe, overrides)` (a bundled recipe or a YAML file, validated) or directly;
+    a recipe's flat keys are these fields, each described beside it below.
+
+    Attributes:
+        model: the registered variant to train (`cct models` lists them).
+        dataset: `cifar10`, `cifar100`, `flowers102`, `imagenet` or `folder:PATH`.
+        epochs: training epochs; `batch_size` is per process, `lr` for the global batch.
+        seed: the seed of the weights, the data order and every augmentation draw.
+        precision: `bf16`, `fp16` (CUDA only) or `fp32`: the autocast of training and evaluation.
+        The other fields (schedule, optimiser, regularisation, augmentation, evaluation, checkpoints) are
+        commented where they are declared below.
+    """
 
     # what to train on
     model: str = "cct_7_3x1_32"
@@ -199,7 +212,15 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def load_config(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Build a Config from a bundled recipe name or a YAML path, then apply `KEY=VALUE` overrides."""
+    """Build a Config from a bundled recipe name or a YAML path, then apply `KEY=VALUE` overrides.
+
+    Args:
+        recipe: a bundled recipe name (`bundled_recipes()`) or the path of a YAML file of flat keys.
+        overrides: `KEY=VALUE` strings, applied in order (values parsed as YAML, checked against the field).
+
+    Returns:
+        The validated configuration; an unknown key, a wrong type or value raises a one-line `UsageError`.
+    """
     recipes = bundled_recipes()
     path = recipes.get(recipe) or Path(recipe)
     if not path.is_file():

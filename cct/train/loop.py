@@ -27,7 +27,7 @@ from timm.utils import ModelEmaV3
 
 from ..data.augment import BatchAugment, normalize
 from ..data.datasets import build_dataset, dataset_info, eval_transform, train_transform
-from ..data.loader import BatchSource, eval_batch_indices, steps_per_epoch, train_batch_indices
+from ..data.loader import BatchSource, epoch_seed, eval_batch_indices, steps_per_epoch, train_batch_indices
 from ..errors import CCTError
 from ..models import create_model
 from ..models.checkpoint import model_metadata
@@ -91,7 +91,8 @@ def retain_freed_memory() -> None:
     every activation above a (dynamic) threshold is mmap-ed and unmapped each step, so each training step
     page-faults and zeroes its activations afresh: about 20,000 minor faults per step of cct_2_3x2_32 (batch
     128), and 950-1,050 img/s against 1,200-1,260 with this (one-off A/B on this 2-core CPU, fresh processes).
-    Process-wide; a no-op where the C library is not glibc."""
+    Process-wide, so the `cct` commands apply it (the library never does); a no-op where the C library is not
+    glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -99,14 +100,6 @@ def retain_freed_memory() -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters, from glibc's malloc.h
     libc.mallopt(m_mmap_threshold, 1 << 30)
     libc.mallopt(m_trim_threshold, 1 << 30)
-
-
-def configure_for_device(model: torch.nn.Module, device: torch.device, precision: str) -> None:
-    """The speed settings of a device, for training and evaluation alike: the attention path, and on a CPU the
-    allocator that keeps freed memory."""
-    configure_attention(model, device, precision)
-    if device.type == "cpu":
-        retain_freed_memory()
 
 
 class FrozenForInference(torch.nn.Module):
@@ -137,7 +130,21 @@ def compile_for_inference(model: torch.nn.Module) -> torch.nn.Module:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, source: BatchSource, mean, std, cfg: Config, device: torch.device,
              num_classes: int) -> dict[str, Any]:
-    """Loss, top-1, top-5 and per-class accuracy over the whole evaluation set (sharded over ranks)."""
+    """Loss, top-1, top-5 and per-class accuracy over the whole evaluation set (sharded over ranks).
+
+    Args:
+        model: the model to evaluate (put in eval mode for the pass, then back as it was).
+        source: the evaluation images (its first `cfg.eval_samples` where set).
+        mean: the per-channel normalisation mean, in [0, 1].
+        std: the per-channel normalisation standard deviation.
+        cfg: `precision`, `eval_batch_size`, `test_time_flip`, `channels_last` and `eval_samples` are used.
+        device: where `source`'s batches and the model are.
+        num_classes: the model's class count.
+
+    Returns:
+        `loss`, `top1`, `top5` (in %), `per_class_top1` (list, in %), `confusion` (int64 tensor, rows: true
+        class) and `images` (the count evaluated, over every rank).
+    """
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top1, top5
@@ -214,7 +221,7 @@ class Engine:
                                   drop_path_rate=cfg.drop_path_rate, stochastic_depth=cfg.stochastic_depth,
                                   drop_rate=cfg.drop_rate, attn_drop_rate=cfg.attn_drop_rate)
         self.model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
-        configure_for_device(self.model, device, cfg.precision)
+        configure_attention(self.model, device, cfg.precision)
         # fused=True: one kernel per step instead of a Python loop over parameters (PyTorch's default on a CPU);
         # +3-4% training img/s for cct_2_3x2_32 on 2 cores (one-off A/B in one process), same update rule.
         self.optimizer = create_optimizer_v2(self.model, opt=cfg.optimizer, lr=cfg.lr, fused=True,
@@ -343,9 +350,21 @@ def _load_data(cfg: Config, data_root: Path | None, img_size: int):
 @dist.peer_failures_as_errors
 def train(cfg: Config, run_dir: Path, data_root: Path | None = None, resume: bool = False,
           device: str | None = None) -> dict[str, Any]:
-    """Train `cfg` into `run_dir` (or continue the run saved there with `resume`) and return the summary.
+    """Train `cfg` into `run_dir`, or continue the run saved there.
+
     Rank 0 holds the run directory's lock from before the first read to the end: a second run into it is
-    refused instead of interleaving its checkpoints with this one's."""
+    refused instead of interleaving its checkpoints with this one's.
+
+    Args:
+        cfg: the recipe (see `Config`).
+        run_dir: the run directory: `config.yaml`, `metrics.csv`, weights, training state, `summary.json`.
+        data_root: the folder holding the datasets (default: `$CCT_DATA`, then `./data`).
+        resume: continue from the training state saved in `run_dir` (exactly as if never stopped).
+        device: "cpu" or "cuda" (default: CUDA where there is a GPU).
+
+    Returns:
+        The run's summary, as written to `summary.json` (final and best top-1, timings, device, ...).
+    """
     dist.setup(device)
     with RunLock(run_dir) if dist.rank() == 0 else nullcontext():
         return _train(cfg, run_dir, data_root, resume, device)
@@ -366,143 +385,236 @@ def check_resumable(cfg: Config, saved: dict[str, Any], run_dir: Path) -> None:
                        "was trained with, or train into another --out folder")
 
 
-def _train(cfg: Config, run_dir: Path, data_root: Path | None, resume: bool, device: str | None) -> dict[str, Any]:
-    wall_start = time.perf_counter()
-    rank0 = dist.rank() == 0
+def _training_device(device: str | None) -> torch.device:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and dist.world_size() > 1:
         dev = torch.device("cuda", dist.local_rank())
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    return dev
+
+
+def _saved_state(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any] | None:
+    """The training state to resume from (None for a new run), refused where this job cannot continue it."""
     state = load_state(run_dir / STATE_FILE) if resume else None
-    if state is not None and state.get("processes", 1) != dist.world_size():  # steps count global batches
+    if state is None:
+        return None
+    if state.get("processes", 1) != dist.world_size():  # steps count global batches
         raise CCTError(f"{run_dir} was trained with {state.get('processes', 1)} process(es): resume it with as many "
                        f"(this job has {dist.world_size()})")
-    if state is not None:
-        check_resumable(cfg, state.get("config", {}), run_dir)
+    check_resumable(cfg, state.get("config", {}), run_dir)
+    return state
 
+
+@dataclass
+class _Run:
+    """One training run while it runs: what it was set up with, and where it stands (`step`, `best_top1`,
+    `train_seconds`, `history`, `stats`: what a checkpoint saves)."""
+
+    cfg: Config
+    run_dir: Path
+    device: torch.device
+    rank0: bool
+    engine: Engine
+    train_source: BatchSource
+    eval_source: BatchSource
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int
+    num_train: int
+    steps_per_epoch: int
+    wall_start: float
+    metadata: dict[str, str] = field(default_factory=dict)
+    log: MetricsLog | None = None
+    progress: Progress | None = None
+    step: int = 0
+    best_top1: float = -1.0
+    train_seconds: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stats: EpochStats = field(default_factory=EpochStats)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.cfg.epochs
+
+
+def _start(cfg: Config, run_dir: Path, data_root: Path | None, resume: bool, device: str | None) -> _Run:
+    """Set a run up: data, model and optimiser (from the saved state on a resume), the run directory's
+    `config.yaml`, the metrics log and the progress bar (rank 0)."""
+    wall_start = time.perf_counter()
+    dev = _training_device(device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    state = _saved_state(cfg, run_dir, resume)
     check_crop_fits(cfg)
     img_size = cfg.img_size or dataset_info(cfg.dataset).img_size
     info, train_ds, eval_ds = _load_data(cfg, data_root, img_size)
-    num_classes = len(train_ds.classes)
-    mean, std = info.mean, info.std
-    train_source = BatchSource(train_ds, dev, cfg.workers)
-    eval_source = BatchSource(eval_ds, dev, cfg.workers)
+    train_source, eval_source = BatchSource(train_ds, dev, cfg.workers), BatchSource(eval_ds, dev, cfg.workers)
     num_train = min(len(train_ds), cfg.train_samples or len(train_ds))
     spe = steps_per_epoch(num_train, cfg.batch_size, dist.world_size())
     if spe == 0 and cfg.epochs > 0:
         raise CCTError(f"{num_train} training images are fewer than one batch of {cfg.batch_size} "
                        f"x {dist.world_size()} process(es): lower batch_size")
-    total_steps = spe * cfg.epochs
-
     torch.manual_seed(cfg.seed)  # the initial weights
-    engine = Engine(cfg, num_classes, img_size, mean, std, info.in_memory, dev)
-    model = engine.model
-    history: list[dict[str, Any]] = []
-    step, best_top1, train_seconds, stats = 0, -1.0, 0.0, EpochStats()
+    engine = Engine(cfg, len(train_ds.classes), img_size, info.mean, info.std, info.in_memory, dev)
+    run = _Run(cfg=cfg, run_dir=run_dir, device=dev, rank0=dist.rank() == 0, engine=engine,
+               train_source=train_source, eval_source=eval_source, mean=info.mean, std=info.std,
+               num_classes=len(train_ds.classes), num_train=num_train, steps_per_epoch=spe, wall_start=wall_start)
     if state is not None:
-        engine.load_state_dict(state)
-        step, best_top1, train_seconds = state["step"], state["best_top1"], state["train_seconds"]
-        history, stats = state["history"], EpochStats(**state["epoch_stats"])
-        if not rank0:  # the saved running sums are over all ranks (see save): rank 0 alone carries them on
-            stats = EpochStats(seconds=stats.seconds, extra=stats.extra)
-    metadata = model_metadata(model, cfg.model, list(train_ds.classes), mean, std, cfg.dataset)
-    log = MetricsLog(run_dir, history) if rank0 else None
-    if rank0:
+        _resume(run, state)
+    run.metadata = model_metadata(engine.model, cfg.model, list(train_ds.classes), info.mean, info.std, cfg.dataset)
+    if run.rank0:
+        run.log = MetricsLog(run_dir, run.history)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    progress = Progress(total_steps, step, cfg.batch_size * dist.world_size()) if rank0 else None
-    weights_model = engine.eval_model
+        run.progress = Progress(run.total_steps, run.step, cfg.batch_size * dist.world_size())
+    return run
 
-    def save(epoch_stats: dict[str, Any] | None = None) -> None:
-        if not rank0:
-            return
-        save_weights(run_dir / "last.safetensors", weights_model, metadata)
-        save_state(run_dir / STATE_FILE, dict(
-            version=1, step=step, processes=dist.world_size(), **engine.state_dict(), best_top1=best_top1,
-            train_seconds=train_seconds, history=history, epoch_stats=epoch_stats or vars(stats),
-            config=config_to_dict(cfg)))
 
-    model.train()
-    while step < total_steps:
-        epoch, offset = divmod(step, spe)
-        mixing = cfg.mixup_off_epoch is None or epoch < cfg.mixup_off_epoch
-        batches = train_batch_indices(num_train, cfg.batch_size, cfg.seed, epoch, dist.rank(), dist.world_size())
-        tic = time.perf_counter()
-        for images, labels, skipped in train_source.batches(batches[offset:]):
-            lr = learning_rate(cfg, step, total_steps, spe)
-            size = cfg.low_res_size if step < cfg.low_res_epochs * spe else None
-            loss_value, logits, targets = engine.step(images, labels, step, lr, mixing, size)
-            if not math.isfinite(loss_value):
-                if cfg.on_nan == "stop":
-                    raise CCTError(f"loss became {loss_value} at step {step} (epoch {epoch}): stopped; the last "
-                                   f"good checkpoint in {run_dir} is kept (lower lr, or --set on_nan=skip)")
-                stats.extra["nan_steps"] = stats.extra.get("nan_steps", 0) + 1
-                step += 1
-                continue
-            step += 1
-            stats.loss_sum += loss_value * len(labels)
-            stats.correct += (logits.argmax(1) == targets.argmax(1)).sum().item()
-            stats.seen += len(labels)
-            stats.skipped += skipped
-            if progress:
-                progress.update(epoch, loss_value)
-            if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and step % spe:
-                elapsed, tic = time.perf_counter() - tic, time.perf_counter()
-                stats.seconds += elapsed  # since the last evaluation (for its img/s)
-                train_seconds += elapsed  # since the start of the run
-                save(_summed_over_ranks(stats))
-        elapsed = time.perf_counter() - tic
-        stats.seconds += elapsed
-        train_seconds += elapsed
-        epoch += 1
-        if epoch % cfg.eval_every == 0 or step >= total_steps:
-            result = evaluate(weights_model, eval_source, mean, std, cfg, dev, num_classes)
-            totals = dist.reduce_floats([stats.loss_sum, stats.correct, stats.seen, stats.skipped])
-            row = dict(epoch=epoch, step=step, lr=engine.optimizer.param_groups[0]["lr"],
-                       train_loss=totals[0] / max(totals[2], 1), train_top1=100 * totals[1] / max(totals[2], 1),
-                       test_loss=result["loss"], test_top1=result["top1"], test_top5=result["top5"],
-                       img_per_s=totals[2] / max(stats.seconds, 1e-9), seconds=round(train_seconds, 2),
-                       skipped=int(totals[3]), nan_steps=int(stats.extra.get("nan_steps", 0)))
-            if rank0:
-                log.add(row)
-                progress.write(f"epoch {epoch}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
-                               f"top-1 {row['train_top1']:.2f}% | test loss {row['test_loss']:.4f} "
-                               f"top-1 {row['test_top1']:.2f}% top-5 {row['test_top5']:.2f}% | "
-                               f"{row['img_per_s']:.0f} img/s"
-                               + (f" | {row['nan_steps']} non-finite steps skipped" if row["nan_steps"] else ""))
-                if result["top1"] > best_top1:
-                    best_top1 = result["top1"]
-                    save_weights(run_dir / "best.safetensors", weights_model, metadata)
-            else:  # other ranks keep the same history: the end-of-run "evaluate again?" test (a collective)
-                history.append(row)  # must take the same branch on every rank, or the job hangs
-                best_top1 = max(best_top1, result["top1"])
-            stats = EpochStats()
-        save(_summed_over_ranks(stats))
+def _resume(run: _Run, state: dict[str, Any]) -> None:
+    """Put a run where its saved state left it: weights, optimiser, step, history, the epoch's running sums."""
+    run.engine.load_state_dict(state)
+    run.step, run.best_top1, run.train_seconds = state["step"], state["best_top1"], state["train_seconds"]
+    run.history, run.stats = state["history"], EpochStats(**state["epoch_stats"])
+    if not run.rank0:  # the saved running sums are over all ranks (see `_save`): rank 0 alone carries them on
+        run.stats = EpochStats(seconds=run.stats.seconds, extra=run.stats.extra)
 
-    if progress:
-        progress.close()
-    if not history or history[-1]["step"] != step:  # epochs=0, or resumed after the last evaluation
-        result = evaluate(weights_model, eval_source, mean, std, cfg, dev, num_classes)
-        final = dict(top1=result["top1"], top5=result["top5"], loss=result["loss"])
-        if rank0 and not (run_dir / "last.safetensors").exists():
-            save()
-    else:
-        final = dict(top1=history[-1]["test_top1"], top5=history[-1]["test_top5"], loss=history[-1]["test_loss"])
-    skipped_total = sum(r.get("skipped", 0) for r in history)
-    summary = dict(
-        model=cfg.model, params=count_params(model), dataset=cfg.dataset, epochs=cfg.epochs, steps=step,
-        batch_size=cfg.batch_size, processes=dist.world_size(), precision=cfg.precision,
-        best_top1=max(best_top1, final["top1"]), final_top1=final["top1"], final_top5=final["top5"],
-        final_loss=final["loss"], train_seconds=round(train_seconds, 2),
-        wall_seconds=round(time.perf_counter() - wall_start, 2),
-        img_per_s=round(num_train * (step / max(spe, 1)) / max(train_seconds, 1e-9), 1),
+
+def _save(run: _Run, epoch_stats: dict[str, Any] | None = None) -> None:
+    """The last weights and the training state (rank 0), with the epoch's running sums `epoch_stats`."""
+    if not run.rank0:
+        return
+    save_weights(run.run_dir / "last.safetensors", run.engine.eval_model, run.metadata)
+    save_state(run.run_dir / STATE_FILE, dict(
+        version=1, step=run.step, processes=dist.world_size(), **run.engine.state_dict(), best_top1=run.best_top1,
+        train_seconds=run.train_seconds, history=run.history, epoch_stats=epoch_stats or vars(run.stats),
+        config=config_to_dict(run.cfg)))
+
+
+def _add_time(run: _Run, since: float) -> float:
+    """Count the training time since `since` for the epoch (its img/s) and the run; returns now."""
+    now = time.perf_counter()
+    run.stats.seconds += now - since
+    run.train_seconds += now - since
+    return now
+
+
+def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor, skipped: int, epoch: int,
+                mixing: bool) -> bool:
+    """One optimisation step and the epoch's running figures; False for a non-finite step (skipped, or an
+    error with `on_nan=stop`)."""
+    cfg, step, stats = run.cfg, run.step, run.stats
+    lr = learning_rate(cfg, step, run.total_steps, run.steps_per_epoch)
+    size = cfg.low_res_size if step < cfg.low_res_epochs * run.steps_per_epoch else None
+    loss_value, logits, targets = run.engine.step(images, labels, step, lr, mixing, size)
+    if not math.isfinite(loss_value) and cfg.on_nan == "stop":
+        raise CCTError(f"loss became {loss_value} at step {step} (epoch {epoch}): stopped; the last "
+                       f"good checkpoint in {run.run_dir} is kept (lower lr, or --set on_nan=skip)")
+    run.step += 1
+    if not math.isfinite(loss_value):
+        stats.extra["nan_steps"] = stats.extra.get("nan_steps", 0) + 1
+        return False
+    stats.loss_sum += loss_value * len(labels)
+    stats.correct += (logits.argmax(1) == targets.argmax(1)).sum().item()
+    stats.seen += len(labels)
+    stats.skipped += skipped
+    if run.progress:
+        run.progress.update(epoch, loss_value)
+    return True
+
+
+def _train_epoch(run: _Run) -> int:
+    """Train from `run.step` to the end of its epoch, with the mid-epoch checkpoints the recipe asks for;
+    returns the number of epochs done."""
+    cfg, spe = run.cfg, run.steps_per_epoch
+    epoch, offset = divmod(run.step, spe)
+    mixing = cfg.mixup_off_epoch is None or epoch < cfg.mixup_off_epoch
+    batches = train_batch_indices(run.num_train, cfg.batch_size, cfg.seed, epoch, dist.rank(), dist.world_size())
+    tic = time.perf_counter()
+    for images, labels, skipped in run.train_source.batches(batches[offset:], seed=epoch_seed(cfg.seed, epoch)):
+        finite = _train_step(run, images, labels, skipped, epoch, mixing)
+        if finite and cfg.checkpoint_every_steps and run.step % cfg.checkpoint_every_steps == 0 \
+                and run.step % spe:
+            tic = _add_time(run, tic)
+            _save(run, _summed_over_ranks(run.stats))
+    _add_time(run, tic)
+    return epoch + 1
+
+
+def _epoch_line(row: dict[str, Any], epochs: int) -> str:
+    return (f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f} top-1 {row['train_top1']:.2f}% | "
+            f"test loss {row['test_loss']:.4f} top-1 {row['test_top1']:.2f}% top-5 {row['test_top5']:.2f}% | "
+            f"{row['img_per_s']:.0f} img/s"
+            + (f" | {row['nan_steps']} non-finite steps skipped" if row["nan_steps"] else ""))
+
+
+def _evaluate_and_log(run: _Run, epoch: int) -> None:
+    """Evaluate after `epoch`, add its row to the history (metrics.csv, TensorBoard, progress line), keep the
+    best weights, and start the next epoch's running figures."""
+    stats = run.stats
+    result = evaluate(run.engine.eval_model, run.eval_source, run.mean, run.std, run.cfg, run.device,
+                      run.num_classes)
+    totals = dist.reduce_floats([stats.loss_sum, stats.correct, stats.seen, stats.skipped])
+    row = dict(epoch=epoch, step=run.step, lr=run.engine.optimizer.param_groups[0]["lr"],
+               train_loss=totals[0] / max(totals[2], 1), train_top1=100 * totals[1] / max(totals[2], 1),
+               test_loss=result["loss"], test_top1=result["top1"], test_top5=result["top5"],
+               img_per_s=totals[2] / max(stats.seconds, 1e-9), seconds=round(run.train_seconds, 2),
+               skipped=int(totals[3]), nan_steps=int(stats.extra.get("nan_steps", 0)))
+    if run.rank0:
+        run.log.add(row)
+        run.progress.write(_epoch_line(row, run.cfg.epochs))
+        if result["top1"] > run.best_top1:
+            run.best_top1 = result["top1"]
+            save_weights(run.run_dir / "best.safetensors", run.engine.eval_model, run.metadata)
+    else:  # other ranks keep the same history: the end-of-run "evaluate again?" test (a collective)
+        run.history.append(row)  # must take the same branch on every rank, or the job hangs
+        run.best_top1 = max(run.best_top1, result["top1"])
+    run.stats = EpochStats()
+
+
+def _final_result(run: _Run) -> dict[str, float]:
+    """The final top-1, top-5 and loss: the last evaluation's, or a new one where the run ended after it."""
+    if run.history and run.history[-1]["step"] == run.step:
+        last = run.history[-1]
+        return dict(top1=last["test_top1"], top5=last["test_top5"], loss=last["test_loss"])
+    # epochs=0, or resumed after the last evaluation
+    result = evaluate(run.engine.eval_model, run.eval_source, run.mean, run.std, run.cfg, run.device,
+                      run.num_classes)
+    if run.rank0 and not (run.run_dir / "last.safetensors").exists():
+        _save(run)
+    return dict(top1=result["top1"], top5=result["top5"], loss=result["loss"])
+
+
+def _summary(run: _Run, final: dict[str, float]) -> dict[str, Any]:
+    cfg, dev, spe = run.cfg, run.device, run.steps_per_epoch
+    return dict(
+        model=cfg.model, params=count_params(run.engine.model), dataset=cfg.dataset, epochs=cfg.epochs,
+        steps=run.step, batch_size=cfg.batch_size, processes=dist.world_size(), precision=cfg.precision,
+        best_top1=max(run.best_top1, final["top1"]), final_top1=final["top1"], final_top5=final["top5"],
+        final_loss=final["loss"], train_seconds=round(run.train_seconds, 2),
+        wall_seconds=round(time.perf_counter() - run.wall_start, 2),
+        img_per_s=round(run.num_train * (run.step / max(spe, 1)) / max(run.train_seconds, 1e-9), 1),
         device=str(dev) if dev.type == "cuda" else f"cpu ({cpu_name()})", threads=torch.get_num_threads(),
-        torch=torch.__version__, git_commit=_git_commit(), skipped_images=skipped_total, seed=cfg.seed,
-        nan_steps_skipped=sum(r.get("nan_steps", 0) for r in history))
-    if rank0:
-        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        log.close()
+        torch=torch.__version__, git_commit=_git_commit(), skipped_images=sum(r.get("skipped", 0) for r in run.history),
+        seed=cfg.seed, nan_steps_skipped=sum(r.get("nan_steps", 0) for r in run.history))
+
+
+def _finish(run: _Run) -> dict[str, Any]:
+    """The final figures, `summary.json` (rank 0) and the run's summary."""
+    if run.progress:
+        run.progress.close()
+    summary = _summary(run, _final_result(run))
+    if run.rank0:
+        atomic_write_text(run.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        run.log.close()
     dist.barrier()
     return summary
 
+
+def _train(cfg: Config, run_dir: Path, data_root: Path | None, resume: bool, device: str | None) -> dict[str, Any]:
+    run = _start(cfg, run_dir, data_root, resume, device)
+    run.engine.model.train()
+    while run.step < run.total_steps:
+        epoch = _train_epoch(run)
+        if epoch % cfg.eval_every == 0 or run.step >= run.total_steps:
+            _evaluate_and_log(run, epoch)
+        _save(run, _summed_over_ranks(run.stats))
+    return _finish(run)

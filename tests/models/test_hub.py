@@ -9,7 +9,7 @@ import torch
 
 import cct
 from cct.cli import main
-from cct.models.checkpoint import load_trained
+from cct.train.runs import load_trained
 
 
 def test_trained_run_round_trips_through_a_hub_folder(trained_run, tmp_path, capsys):

@@ -8,8 +8,8 @@ import timm
 import torch
 
 from cct.cli import main
-from cct.models.checkpoint import load_trained
 from cct.models.registry import SHIPPED_WEIGHTS, WEIGHTS_DIR
+from cct.train.runs import load_trained
 
 
 @pytest.mark.parametrize("key", sorted(SHIPPED_WEIGHTS))

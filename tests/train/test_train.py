@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from cct.cli import main
 from cct.errors import CCTError, UsageError
-from cct.train import bundled_recipes, load_config, train
+from cct.train import bundled_recipes, evaluate_checkpoint, load_config, train
 from cct.train.config import Config
 from cct.train.loop import learning_rate
 from tests.data.test_datasets import _flowers_tree, fake_cifar100_download
@@ -89,6 +89,14 @@ def test_eval_matches_training_and_writes_confusion(trained_run, data_root, tmp_
     assert (tmp_path / "confusion.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_evaluate_checkpoint_is_the_library_side_of_cct_eval(trained_run, data_root, tmp_path):
+    report = evaluate_checkpoint(trained_run / "last.safetensors", data_root=data_root, out=tmp_path / "report")
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert (report["dataset"], report["split"], report["images"]) == ("cifar10", "test", 10_000)
+    assert report["top1"] == pytest.approx(summary["final_top1"], abs=1e-6)
+    assert json.loads((tmp_path / "report" / "eval.json").read_text()) == report
+
+
 def test_eval_compiled_for_inference_agrees(trained_run, data_root, capsys):
     """`cct eval --compile` (frozen weights, fused kernels) scores like the eager model: the same 10,000 images,
     top-1 within 0.1 point (bf16 sums in another order may flip an image or two)."""
@@ -122,7 +130,7 @@ def test_predict_any_image_mode(trained_run, tmp_path, capsys):
 def test_export_onnx_torchscript_safetensors(trained_run, tmp_path):
     import onnxruntime
 
-    from cct.models.checkpoint import load_trained
+    from cct.train.runs import load_trained
 
     model, meta = load_trained(trained_run)
     x = torch.randn(5, 3, 32, 32)
