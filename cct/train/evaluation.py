@@ -14,7 +14,7 @@ from ..data.datasets import build_dataset, dataset_info, eval_transform
 from ..data.loader import BatchSource
 from ..errors import CCTError, UsageError
 from .config import Config
-from .loop import compile_for_inference, configure_attention, evaluate
+from .loop import compile_for_inference, configure_for_device, evaluate
 from .report import plot_confusion
 from .runs import load_trained, run_records
 
@@ -85,7 +85,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
     if flip is None:
         flip = bool(recipe.get("test_time_flip", summary.get("test_time_flip", False)))
     cfg = Config(precision=precision, eval_batch_size=batch_size, test_time_flip=flip)
-    configure_attention(model, device, cfg.precision)
+    configure_for_device(model, device, cfg.precision)
     runner = compile_for_inference(model) if compile else model
     result = evaluate(runner, BatchSource(data, device, workers), meta["mean"], meta["std"], cfg, device,
                       model.num_classes)

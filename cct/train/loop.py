@@ -29,6 +29,7 @@ from ..data.augment import BatchAugment, normalize
 from ..data.datasets import build_dataset, dataset_info, eval_transform, train_transform
 from ..data.loader import BatchSource, epoch_seed, eval_batch_indices, steps_per_epoch, train_batch_indices
 from ..errors import CCTError
+from ..kernels import accelerate
 from ..models import create_model
 from ..models.checkpoint import model_metadata
 from ..models.complexity import count_params
@@ -79,11 +80,27 @@ def configure_attention(model: torch.nn.Module, device: torch.device, precision:
     (q @ k^T, softmax, @ v: timm's `fused_attn=False` path) is much faster than every fused SDPA kernel at CCT's
     sizes, in training and inference; elsewhere SDPA with PyTorch's own kernel choice is kept (figures:
     `benchmarks/attention.py`, results in benchmarks/results/attention/). In a process of one thread the explicit
-    path runs the C operator of `cpu_kernels.Attention` where it applies (head widths in multiples of 16)."""
+    path runs the C operator of `cct.kernels.Attention` where it applies (head widths in multiples of 16)."""
     explicit = device.type == "cpu" and precision == "bf16"
     for module in model.modules():
         if isinstance(module, Attention):
             module.fused_attn = not explicit
+
+
+def configure_for_device(model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
+    """The per-model speed settings of a device, for training and inference alike: the attention path and, on a
+    CPU, this package's C kernels (`cct.kernels.accelerate`, same parameters and state-dict keys).
+
+    Args:
+        model: a plain model from `cct.create_model`, on `device`.
+        device: where it runs.
+        precision: the run's precision (`bf16`, `fp16` or `fp32`).
+
+    Returns:
+        `model`, changed in place.
+    """
+    configure_attention(model, device, precision)
+    return accelerate(model) if device.type == "cpu" else model
 
 
 def retain_freed_memory() -> None:
@@ -221,7 +238,7 @@ class Engine:
                                   drop_path_rate=cfg.drop_path_rate, stochastic_depth=cfg.stochastic_depth,
                                   drop_rate=cfg.drop_rate, attn_drop_rate=cfg.attn_drop_rate)
         self.model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
-        configure_attention(self.model, device, cfg.precision)
+        configure_for_device(self.model, device, cfg.precision)
         # fused=True: one kernel per step instead of a Python loop over parameters (PyTorch's default on a CPU);
         # +3-4% training img/s for cct_2_3x2_32 on 2 cores (one-off A/B in one process), same update rule.
         self.optimizer = create_optimizer_v2(self.model, opt=cfg.optimizer, lr=cfg.lr, fused=True,
