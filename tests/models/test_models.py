@@ -71,7 +71,7 @@ def test_forward_shape_224_and_macs():
 
 
 def test_keras_example_comparison_figures():
-    """The README compares our attention with the Keras example's (2 layers, dim 128, 2 heads, key_dim 128)."""
+    """docs/models.md compares our attention with the Keras example's (2 layers, dim 128, 2 heads, key_dim 128)."""
     model = cct.create_model("cct_2_3x2_32")
     ours = sum(count_params(block.attn) for block in model.blocks)
     keras_per_layer = 3 * (128 * 2 * 128 + 2 * 128) + (2 * 128 * 128 + 128)  # q, k, v and output
