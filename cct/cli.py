@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from . import __version__
 from .errors import CCTError, UsageError
 
 
@@ -380,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cct", description="Train, evaluate and ship Compact Convolutional Transformers.",
                      formatter_class=argparse.RawDescriptionHelpFormatter,
                      epilog="examples:\n  cct models 'cct_7*'\n  cct train keras-example\n  cct bench --json")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True

@@ -75,7 +75,7 @@ datasets: [{meta.get('dataset') or 'unknown'}]
 # {name} trained with cct
 
 A Compact Convolutional Transformer (Hassani et al., 2021) trained from scratch with
-[cct](https://pypi.org/project/cct/).
+[cct](https://pypi.org/project/compact-transformers/) (`pip install compact-transformers`).
 
 | | |
 |---|---|
