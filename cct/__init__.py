@@ -4,6 +4,7 @@ Importing the package registers every variant with timm, so `timm.create_model("
 """
 
 from .models import convert_official_state_dict, create_model, list_models
+from .models.explain import explain as explain
 
 __version__ = "0.1.0"
 __all__ = ["create_model", "list_models", "convert_official_state_dict", "__version__"]
