@@ -460,6 +460,13 @@ def _decode(path: str):
         raise CCTError(f"{path}: {e}") from None
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Serve a web page where people try a trained model on their own images (needs Gradio)."""
+    from .demo import serve
+
+    serve(_weights_source(args), args.model, host=args.host, port=args.port, share=args.share)
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     """Export a trained model to ONNX (dynamic batch), safetensors or TorchScript."""
     from .models.export import export_model
@@ -586,6 +593,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: explain/)")
     p.add_argument("--topk", type=_at_least(1), default=5)
     p.add_argument("--json", action="store_true", help="print one JSON document")
+
+    p = add("demo", cmd_demo, "serve a web page to try a trained model on uploaded images (needs Gradio)",
+            "  cct demo runs/keras-example\n  cct demo --model cct_2_3x2_32 --pretrained cifar10 --port 8080\n"
+            "  cct demo hub/cct2-cifar10 --host 0.0.0.0   # reachable from other machines")
+    p.add_argument("checkpoint", nargs="?", help="a weights file, run directory or Hub folder")
+    p.add_argument("--model", help="architecture name, for files that do not record it")
+    p.add_argument("--pretrained", metavar="TAG", help="use the shipped weights of --model, e.g. cifar10")
+    p.add_argument("--host", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=_at_least(1), help="TCP port (default: the first free one from 7860)")
+    p.add_argument("--share", action="store_true", help="also open a temporary public link (Gradio's servers)")
 
     p = add("export", cmd_export, "export a trained model to ONNX, safetensors, TorchScript or a Hub folder",
             "  cct export runs/keras-example --format onnx -o cct2.onnx\n"
