@@ -281,13 +281,41 @@ def _download_cifar(spec: dict[str, Any], root: Path) -> None:
                        f"{spec['listing']})") from exc
 
 
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Rebuilds only what CIFAR pickles hold: dicts, lists, tuples, strings, bytes, numbers and numpy arrays.
+    Any other global (a function to call, a class to build) is refused before it is looked up, so a forged
+    batch file cannot run code."""
+
+    _ALLOWED = frozenset({
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how protocol 2 spells bytes when Python 3 wrote the file
+    })
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing {module}.{name}: only plain data and numpy arrays are "
+                                         "allowed")
+        return super().find_class(module, name)
+
+
 def _load_pickle(path: Path, title: str) -> dict[bytes, Any]:
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = _DataOnlyUnpickler(f, encoding="bytes").load()
+    except pickle.UnpicklingError as exc:
+        if str(exc).startswith("refusing "):
+            raise CCTError(f"{title} file {path} is not plain data ({_one_line(exc)}); nothing in it was run: "
+                           f"download the dataset again from its official source") from None
+        raise CCTError(f"{title} file {path} is unreadable or corrupt ({_one_line(exc)}); "
+                       f"delete it and download the dataset again") from None
+    except MemoryError:
+        raise CCTError(f"not enough memory to load {title} file {path} (the file is not at fault: free memory, "
+                       "or lower the settings that take it: batch_size, workers, processes)") from None
     except Exception as exc:
         raise CCTError(f"{title} file {path} is unreadable or corrupt ({_one_line(exc)}); "
-                       f"delete it and download the dataset again") from exc
+                       f"delete it and download the dataset again") from None
     if not isinstance(obj, dict):
         raise CCTError(f"{title} file {path} does not hold a CIFAR batch (a dict); "
                        f"download the dataset again")
