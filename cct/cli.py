@@ -72,13 +72,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .train import load_config, train
     from .train.config import check_crop_fits
     from .train.loop import check_resumable
+    from .train.state import claim_fresh_run_dir
 
     cfg = load_config(args.recipe, args.set or [])
     check_crop_fits(cfg)
     name = Path(args.recipe).stem
     run_dir = Path(args.out) if args.out else Path("runs") / name
-    if not args.resume and (run_dir / "last.state.pt").exists():
-        raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, or --out another folder")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the run in --out, --overwrite replaces it: give one of them")
     if args.resume and run_dir.is_dir():  # checked by train() too; here before any worker starts
         check_resumable(cfg, run_records(run_dir)[1] or {}, run_dir)
     cpu_launch = _cpu_launch(args.device)  # also refuses a GPU that is not there, before any process starts
@@ -90,6 +91,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     elif args.download:  # every process of a torchrun started by hand would download at once
         raise UsageError("--download under torchrun: let `cct train --nproc-per-node N` start the processes (it "
                          "downloads once, before them), or download the dataset first")
+    if not args.resume and not os.environ.get(_STARTED_BY_CCT) and os.environ.get("RANK", "0") == "0":
+        claim_fresh_run_dir(run_dir, args.overwrite)  # once, in the launching process
     nproc = args.nproc_per_node or (cfg.processes if cpu_launch else 1)
     if nproc > 1:
         _relaunch_with_torchrun(nproc, args.argv, share_cores=cpu_launch, on_failure=args.interrupt_hint)
@@ -385,7 +388,10 @@ def cmd_export(args: argparse.Namespace) -> None:
     """Export a trained model to ONNX (dynamic batch), safetensors or TorchScript."""
     from .models.export import export_model
 
-    out = export_model(_weights_source(args), args.format, Path(args.output), model_name=args.model)
+    if not args.output.strip():
+        raise UsageError("-o/--output: give the file to write")
+    out = export_model(_weights_source(args), args.format, Path(args.output), model_name=args.model,
+                       overwrite=args.overwrite)
     print(f"wrote {out}")
 
 
@@ -436,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default: runs/RECIPE)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in the run directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run directory that holds another run, deleting that run's files")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--nproc-per-node", type=_at_least(1),
                    help="start this many processes with torchrun (DDP); default: the recipe's `processes`")
@@ -506,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output file (a new folder for --format hub)")
     p.add_argument("--model", help="architecture name, for files that do not record it")
     p.add_argument("--pretrained", metavar="TAG", help="export the shipped weights of --model, e.g. cifar10")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     p = add("push", cmd_push, "upload a trained model to the Hugging Face Hub (needs a network and a token)",
             "  cct push runs/keras-example me/cct2-cifar10\n  cct push hub/cct2-cifar10 me/cct2-cifar10")

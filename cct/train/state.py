@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save
 from torch import nn
 
-from ..errors import CCTError
+from ..errors import CCTError, UsageError
 
 logger = logging.getLogger("cct.train")
 
@@ -138,3 +138,46 @@ class RunLock:
                 pass  # the disk went read-only or full: the next run will just see a stale lock
             os.close(self._fd)  # closing drops the flock
             self._fd = None
+
+
+#: The files a run writes into its directory; any of them there means the folder holds a run.
+RUN_FILES = ("config.yaml", "metrics.csv", "summary.json", "curves.png", "last.state.pt", "last.safetensors",
+             "best.safetensors")
+
+
+def previous_run_files(run_dir: Path) -> list[str]:
+    """The names of the files of an earlier run in `run_dir` (any weights file counts), sorted; none where the
+    folder does not exist."""
+    try:
+        names = [entry.name for entry in os.scandir(run_dir)] if run_dir.is_dir() else []
+    except OSError as e:
+        raise CCTError(f"cannot read {run_dir}: {e.strerror or e}") from None
+    return sorted(n for n in names if n in RUN_FILES or n.endswith(".safetensors"))
+
+
+def claim_fresh_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Make sure a new run never writes over another one: a `run_dir` holding an earlier run's files is refused,
+    unless `overwrite`, which deletes those files first. A folder in use by a live run is refused by its lock
+    either way.
+
+    Args:
+        run_dir: the `--out` folder of a new (not resumed) run.
+        overwrite: replace the earlier run (`cct train --overwrite`).
+
+    Raises:
+        UsageError: the folder holds a run and `overwrite` is false.
+        CCTError: the folder is in use, or cannot be read or cleared.
+    """
+    previous = previous_run_files(run_dir)
+    if not previous:
+        return
+    with RunLock(run_dir):
+        if not overwrite:
+            shown = ", ".join(previous[:4]) + (", ..." if len(previous) > 4 else "")
+            raise UsageError(f"{run_dir} already holds a run ({shown}): pass --resume to continue it, or a fresh "
+                             "--out folder (--overwrite replaces it)")
+        for name in previous:
+            try:
+                (run_dir / name).unlink(missing_ok=True)
+            except OSError as e:
+                raise CCTError(f"cannot remove {run_dir / name} for --overwrite: {e.strerror or e}") from None
