@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -37,9 +38,20 @@ def _at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def _finite_or_null(obj: object) -> object:
+    """`obj` with every NaN or infinite float replaced by None: JSON has no such numbers."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    return obj
+
+
 def _print_json(obj: object) -> None:
-    json.dump(obj, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    """Print strict JSON (NaN and infinities as null, which every JSON reader accepts)."""
+    sys.stdout.write(json.dumps(_finite_or_null(obj), indent=2, allow_nan=False) + "\n")
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -545,6 +557,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
+    except OSError as e:  # a path the system refuses (a name too long, a loop of links, ...) wherever it is met
+        if debug:
+            raise
+        print(f"error: {_os_error_line(e)}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        if debug:
+            raise
+        print("error: out of memory: lower the settings that size the work (batch_size, eval_batch_size, "
+              "img_size, workers, processes)", file=sys.stderr)
+        return 1
+
+
+def _os_error_line(error: OSError) -> str:
+    """An OSError as one line naming its file, with a short form of a long path."""
+    name = str(error.filename) if error.filename is not None else ""
+    if len(name) > 120:
+        name = f"{name[:60]}...{name[-40:]}"
+    return f"{name}: {error.strerror or error}" if name else str(error.strerror or error).splitlines()[0]
 
 
 if __name__ == "__main__":

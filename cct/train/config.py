@@ -208,9 +208,13 @@ def load_config(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> Con
         raise UsageError(f"unknown recipe {recipe!r}: {hint}bundled recipes are {', '.join(sorted(recipes))}, "
                          "or give a YAML file path")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise UsageError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"recipe {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise UsageError(f"cannot read recipe {path}: {e.strerror or e}") from None
     if not isinstance(data, dict):
         raise UsageError(f"recipe {path} must be a mapping of keys to values")
     data.update(parse_override(o) for o in overrides)

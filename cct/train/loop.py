@@ -35,7 +35,7 @@ from ..models.complexity import count_params
 from . import distributed as dist
 from .config import Config, check_crop_fits, config_to_dict
 from .report import MetricsLog, Progress
-from .state import RunLock, atomic_write_text, load_state, save_state, save_weights
+from .state import RunLock, atomic_write_text, load_state, restoring_state, save_state, save_weights
 
 STATE_FILE = "last.state.pt"
 
@@ -401,9 +401,10 @@ def _train(cfg: Config, run_dir: Path, data_root: Path | None, resume: bool, dev
     history: list[dict[str, Any]] = []
     step, best_top1, train_seconds, stats = 0, -1.0, 0.0, EpochStats()
     if state is not None:
-        engine.load_state_dict(state)
-        step, best_top1, train_seconds = state["step"], state["best_top1"], state["train_seconds"]
-        history, stats = state["history"], EpochStats(**state["epoch_stats"])
+        with restoring_state(run_dir / STATE_FILE):
+            engine.load_state_dict(state)
+            step, best_top1, train_seconds = state["step"], state["best_top1"], state["train_seconds"]
+            history, stats = state["history"], EpochStats(**state["epoch_stats"])
         if not rank0:  # the saved running sums are over all ranks (see save): rank 0 alone carries them on
             stats = EpochStats(seconds=stats.seconds, extra=stats.extra)
     metadata = model_metadata(model, cfg.model, list(train_ds.classes), mean, std, cfg.dataset)
