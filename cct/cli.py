@@ -7,12 +7,15 @@ key or value), 130 interrupted. `--debug` shows the full traceback instead of th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from .errors import CCTError, UsageError
@@ -164,6 +167,8 @@ def _relaunch_with_torchrun(nproc: int, argv: list[str], share_cores: bool,
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    from .train.distributed import LAUNCHER_PID
+
     if _under_torchrun():
         raise UsageError("--nproc-per-node starts torchrun itself: under torchrun, leave it out "
                          "(torchrun's own --nproc-per-node sets the processes)")
@@ -182,6 +187,7 @@ def _relaunch_with_torchrun(nproc: int, argv: list[str], share_cores: bool,
     threads = max(1, (os.cpu_count() or 1) // nproc) if share_cores else 1
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     os.environ[_STARTED_BY_CCT] = "1"  # its workers leave the "interrupted" line to this process
+    os.environ[LAUNCHER_PID] = str(os.getpid())  # its workers die with this process (`die_with_launcher`)
     # torchrun's "sending SIGTERM", "failed" and "Received 2 death signal" lines: the one line below says it (its
     # modules' loggers carry their own levels, so each one is silenced, not only their parent)
     elastic_logs = [logging.getLogger(name) for name in ["torch.distributed.elastic", *logging.root.manager.loggerDict]
@@ -197,10 +203,11 @@ def _relaunch_with_torchrun(nproc: int, argv: list[str], share_cores: bool,
                for r, f in sorted(e.failures.items(), key=lambda item: item[0] != first)]
         raise CCTError(f"a worker failed ({', '.join(how)}; the first is the cause, torchrun stops the others)"
                        f"{on_failure()}") from None
-    except SignalException as e:
-        raise KeyboardInterrupt from e
+    except SignalException as e:  # torchrun's own handlers caught the signal and stopped the workers
+        raise (Terminated() if e.sigval == signal.SIGTERM else KeyboardInterrupt()) from e
     finally:
         os.environ.pop(_STARTED_BY_CCT, None)
+        os.environ.pop(LAUNCHER_PID, None)
         for log, level in zip(elastic_logs, levels, strict=True):
             log.setLevel(level)
 
@@ -537,6 +544,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that it unwinds as from Ctrl-C: atomic writes remove their
+    temporary file, the run directory's lock is released, the last checkpoint stays."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM handled like Ctrl-C for the life of the command (where signals can be handled: the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _worker_setup() -> None:
+    """What a worker of a torchrun job does first: die with its launcher (no orphans if it is killed)."""
+    from .train.distributed import die_with_launcher
+
+    die_with_launcher()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `cct` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -544,14 +580,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     args = None
     try:
-        args = build_parser().parse_args(argv)
-        args.argv = argv  # for `cct train` to restart itself under torchrun
-        args.func(args)
+        with _sigterm_as_interrupt():
+            if _under_torchrun():
+                _worker_setup()
+            args = build_parser().parse_args(argv)
+            args.argv = argv  # for `cct train` to restart itself under torchrun
+            args.func(args)
         return 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if not (_under_torchrun() and os.environ.get(_STARTED_BY_CCT)):  # not a worker `cct` started
-            print(f"interrupted{getattr(args, 'interrupt_hint', lambda: '')()}", file=sys.stderr)
-        return 130
+            print(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}"
+                  f"{getattr(args, 'interrupt_hint', lambda: '')()}", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(e, Terminated) else 130
     except CCTError as e:
         if debug:
             raise
