@@ -28,13 +28,16 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def _at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= `minimum`; anything else is a one-line usage error naming the option."""
+def _at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer >= `minimum` (and <= `maximum`, a bound of this machine); anything else is a
+    one-line usage error naming the option."""
 
     def parse(text: str) -> int:
         value = int(text)
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum} on this machine, got {value}")
         return value
 
     parse.__name__ = "int"  # argparse's message for a non-number: "invalid int value"
@@ -216,16 +219,20 @@ def cmd_bench(args: argparse.Namespace) -> None:
     """Measure training and inference images/s of a model against this machine's matmul peak."""
     import torch
 
+    from .data.datasets import dataset_info
     from .train import distributed as dist
     from .train import load_config
     from .train.bench import run_bench
+    from .train.config import check_batch_fits
 
     # the model, batch and threads of the command line (defaults: the speed targets' cct_2_3x2_32, batch 128, the
     # cores shared out over the processes), never the recipe's: the recipe gives the augmentation, the optimiser
     # and the process layout
     overrides = [*(args.set or []), f"model={args.model}"]
     overrides += [f"{key}={getattr(args, key)}" for key in ("precision", "img_size") if getattr(args, key) is not None]
+    overrides += [f"batch_size={args.batch_size}", f"eval_batch_size={args.batch_size}"]  # bench runs no eval loop
     cfg = load_config(args.recipe, overrides)  # checked here, before any worker starts
+    check_batch_fits("--batch-size", args.batch_size, cfg.img_size or dataset_info(cfg.dataset).img_size)
     device, cpu_launch = _device(args.device), _cpu_launch(args.device)
     nproc = args.nproc_per_node or (cfg.processes if cpu_launch else 1)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # the processes of a running torchrun job (this one among them)
@@ -432,6 +439,11 @@ def cmd_push(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command (also used to render `--help`)."""
+    from .train.config import machine_limits
+
+    limits = machine_limits()
+    processes, threads, img_size = limits.processes, limits.threads, limits.img_size
+    batch = limits.batch_size(16)  # a bound for any image size; the size-aware check follows where it is known
     parser = _Parser(prog="cct", description="Train, evaluate and ship Compact Convolutional Transformers.",
                      formatter_class=argparse.RawDescriptionHelpFormatter,
                      epilog="examples:\n  cct models 'cct_7*'\n  cct train keras-example\n  cct bench --json")
@@ -464,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in a run directory that holds another run, deleting that run's files")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    p.add_argument("--nproc-per-node", type=_at_least(1),
+    p.add_argument("--nproc-per-node", type=_at_least(1, processes),
                    help="start this many processes with torchrun (DDP); default: the recipe's `processes`")
 
     p = add("bench", cmd_bench, "measure training/inference images/s and the fraction of the matmul peak",
@@ -473,12 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
             "  cct bench --set compile=true    # compiled blocks for training, whole model (frozen) for inference\n"
             "  cct bench --set stochastic_depth=skip --set drop_path_rate=0.5")
     p.add_argument("--model", default="cct_2_3x2_32")
-    p.add_argument("--batch-size", dest="batch_size", type=_at_least(1), default=128)
+    p.add_argument("--batch-size", dest="batch_size", type=_at_least(1, batch), default=128)
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
-    p.add_argument("--img-size", dest="img_size", type=_at_least(1))
-    p.add_argument("--threads", type=_at_least(1),
+    p.add_argument("--img-size", dest="img_size", type=_at_least(1, img_size))
+    p.add_argument("--threads", type=_at_least(1, threads),
                    help="torch intra-op threads per process (default: the cores shared out over the processes)")
-    p.add_argument("--nproc-per-node", type=_at_least(1),
+    p.add_argument("--nproc-per-node", type=_at_least(1, processes),
                    help="DDP processes under torchrun, sharing --batch-size (default on a CPU: the recipe's "
                         "`processes`, as `cct train` runs it)")
     p.add_argument("--recipe", default="cifar10-fast",
@@ -503,8 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="download the dataset into the data folder first if it is missing (CIFAR, Flowers-102)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="bf16",
                    help="autocast precision (default bf16, as training evaluates)")
-    p.add_argument("--batch-size", type=_at_least(1), default=500)
-    p.add_argument("--workers", type=_at_least(0), default=4, help="decoding workers for file datasets")
+    p.add_argument("--batch-size", type=_at_least(1, batch), default=500)
+    p.add_argument("--workers", type=_at_least(0, threads), default=4, help="decoding workers for file datasets")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction,
                    help="test-time horizontal-flip averaging (default: as the run was evaluated, else off)")
     p.add_argument("--compile", action="store_true",
@@ -602,12 +614,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {_os_error_line(e)}", file=sys.stderr)
         return 1
-    except MemoryError:
-        if debug:
+    except (MemoryError, RuntimeError) as e:  # RuntimeError: torch's allocators report running out this way
+        if debug or not _is_out_of_memory(e):
             raise
         print("error: out of memory: lower the settings that size the work (batch_size, eval_batch_size, "
               "img_size, workers, processes)", file=sys.stderr)
         return 1
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    text = str(error)
+    return isinstance(error, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()
 
 
 def _os_error_line(error: OSError) -> str:
