@@ -349,24 +349,31 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
     model, meta = load_trained(_weights_source(args), args.model)
     transform = eval_transform(model.img_size[0], crop_pct=1.0)
-    readable, unreadable = [], []  # like `cat` or `file`: every image that can be read is classified
-    for path in args.images:
-        try:
-            readable.append((path, transform(_decode(path))))
-        except CCTError as e:
-            unreadable.append(str(e))
-    results = _classify(model, meta, readable, args.topk) if readable else []
+    results, unreadable = [], []  # like `cat` or `file`: every image that can be read is classified
+    for start in range(0, len(args.images), PREDICT_BATCH):  # a batch at a time: memory stays bounded
+        readable = []
+        for path in args.images[start:start + PREDICT_BATCH]:
+            try:
+                readable.append((path, transform(_decode(path))))
+            except CCTError as e:
+                unreadable.append(str(e))
+        batch_results = _classify(model, meta, readable, args.topk) if readable else []
+        if args.json:
+            results += batch_results
+        else:
+            for r in batch_results:
+                print(r["image"])
+                for p in r["predictions"]:
+                    print(f"  {p['probability'] * 100:6.2f}%  {p['label']}")
     if args.json:
         _print_json(results)
-    else:
-        for r in results:
-            print(r["image"])
-            for p in r["predictions"]:
-                print(f"  {p['probability'] * 100:6.2f}%  {p['label']}")
     for message in unreadable[:-1]:
         print(f"error: {message}", file=sys.stderr)
     if unreadable:
         raise CCTError(unreadable[-1])
+
+
+PREDICT_BATCH = 64  # images decoded and classified at a time by `cct predict`
 
 
 def _classify(model, meta: dict, images: list, topk: int) -> list[dict]:
