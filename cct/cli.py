@@ -386,9 +386,15 @@ def _classify(model, meta: dict, images: list, topk: int) -> list[dict]:
     with torch.no_grad():
         probs = model(normalize(batch, meta["mean"], meta["std"])).float().softmax(dim=1)
     top = probs.topk(min(topk, probs.shape[1]), dim=1)
-    return [dict(image=str(path), predictions=[dict(label=meta["classes"][i], probability=round(p, 6))
+    return [dict(image=_shown(path), predictions=[dict(label=meta["classes"][i], probability=round(p, 6))
                                                for p, i in zip(values.tolist(), idx.tolist(), strict=True)])
             for (path, _), values, idx in zip(images, top.values, top.indices, strict=True)]
+
+
+def _shown(path: str) -> str:
+    """A file name as printable text: bytes that are not UTF-8 (kept by Python as lone surrogates, which a
+    UTF-8 stream refuses) are written as `\\xNN`."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _weights_source(args: argparse.Namespace) -> str | Path:

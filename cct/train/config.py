@@ -270,6 +270,8 @@ def load_config(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> Con
     """Build a Config from a bundled recipe name or a YAML path, then apply `KEY=VALUE` overrides."""
     recipes = bundled_recipes()
     path = recipes.get(recipe) or Path(recipe)
+    if path.exists() and not path.is_file():  # a folder, FIFO or device: reading it could block or never end
+        raise UsageError(f"recipe {path} is not a regular file")
     if not path.is_file():
         close = difflib.get_close_matches(recipe, recipes, n=1, cutoff=0.4)
         hint = f"did you mean {close[0]!r}? " if close else ""
