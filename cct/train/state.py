@@ -212,8 +212,11 @@ def claim_fresh_run_dir(run_dir: Path, overwrite: bool) -> None:
     with RunLock(run_dir):
         if not overwrite:
             shown = ", ".join(previous[:4]) + (", ..." if len(previous) > 4 else "")
-            raise UsageError(f"{run_dir} already holds a run ({shown}): pass --resume to continue it, or a fresh "
-                             "--out folder (--overwrite replaces it)")
+            if "last.state.pt" in previous:
+                raise UsageError(f"{run_dir} already holds a run ({shown}): pass --resume to continue it, or a "
+                                 "fresh --out folder (--overwrite replaces it)")
+            raise UsageError(f"{run_dir} holds a run stopped before its first checkpoint ({shown}), so there is "
+                             "nothing to --resume: pass --overwrite to start it again, or a fresh --out folder")
         for name in previous:
             try:
                 (run_dir / name).unlink(missing_ok=True)

@@ -126,6 +126,13 @@ def test_resource_limits_end_in_one_line_or_success(tmp_path, name, limit, value
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def _how_to_go_on(run_dir: Path) -> list[str]:
+    """--resume where the run has a checkpoint; --overwrite where it stopped before its first one."""
+    if (run_dir / "last.state.pt").exists():
+        return ["--resume"]
+    return ["--overwrite"] if run_dir.exists() and any(p.name != ".lock" for p in run_dir.iterdir()) else []
+
+
 def test_sigterm_at_random_moments_never_loses_the_run(tmp_path, data_root):
     """Five SIGTERMs at seeded random moments of one run (from interpreter start-up to evaluation), each
     followed by a --resume: every stop leaves no temporary file, a released lock, a loadable state, and one
@@ -136,8 +143,7 @@ def test_sigterm_at_random_moments_never_loses_the_run(tmp_path, data_root):
     rng = random.Random(11)
     outcomes = []
     for attempt in range(5):
-        job = cct_process(*args, *(["--resume"] if (run_dir / "last.state.pt").exists() else []),
-                          data_root=data_root)
+        job = cct_process(*args, *_how_to_go_on(run_dir), data_root=data_root)
         time.sleep(rng.uniform(0.2, 12.0))
         job.send_signal(signal.SIGTERM)
         _, stderr = job.communicate(timeout=120)
@@ -153,8 +159,7 @@ def test_sigterm_at_random_moments_never_loses_the_run(tmp_path, data_root):
         if run_dir.exists():
             with RunLock(run_dir):  # free: the stopped run released it (or the kernel did)
                 pass
-    final = cct_process(*args, *(["--resume"] if (run_dir / "last.state.pt").exists() else ["--overwrite"]),
-                        data_root=data_root)
+    final = cct_process(*args, *_how_to_go_on(run_dir), data_root=data_root)
     _, stderr = final.communicate(timeout=300)
     assert final.returncode == 0, stderr
     assert load_state(run_dir / "last.state.pt")["step"] == 3 * 8

@@ -28,7 +28,8 @@ def test_train_refuses_a_folder_holding_any_file_of_another_run(data_root, tmp_p
     (run_dir / name).write_bytes(b"the earlier run")
     assert main(["train", "keras-example", "--out", str(run_dir), "--data-dir", str(data_root)]) == 2
     err = _one_line(capsys)
-    assert f"{run_dir} already holds a run ({name})" in err and "--resume" in err and "fresh --out" in err, err
+    assert name in err and "--resume" in err and "fresh --out" in err, err
+    assert ("already holds a run" if name == "last.state.pt" else "stopped before its first checkpoint") in err
     assert (run_dir / name).read_bytes() == b"the earlier run"
 
 
