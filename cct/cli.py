@@ -1,7 +1,8 @@
 """The `cct` command: one small function per sub-command; errors become one line and an exit code.
 
 Exit codes: 0 success, 1 a problem with data/files/checkpoints (CCTError), 2 a usage error (bad flag, name,
-key or value), 130 interrupted. `--debug` shows the full traceback instead of the one-line message.
+key or value; also a setting above this machine's bounds), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
+`--debug` shows the full traceback instead of the one-line message.
 """
 
 from __future__ import annotations
@@ -219,20 +220,18 @@ def cmd_bench(args: argparse.Namespace) -> None:
     """Measure training and inference images/s of a model against this machine's matmul peak."""
     import torch
 
-    from .data.datasets import dataset_info
     from .train import distributed as dist
     from .train import load_config
     from .train.bench import run_bench
-    from .train.config import check_batch_fits
 
     # the model, batch and threads of the command line (defaults: the speed targets' cct_2_3x2_32, batch 128, the
     # cores shared out over the processes), never the recipe's: the recipe gives the augmentation, the optimiser
     # and the process layout
     overrides = [*(args.set or []), f"model={args.model}"]
     overrides += [f"{key}={getattr(args, key)}" for key in ("precision", "img_size") if getattr(args, key) is not None]
-    overrides += [f"batch_size={args.batch_size}", f"eval_batch_size={args.batch_size}"]  # bench runs no eval loop
+    # checked against the memory with the image size (bench runs no evaluation: its batch stands for both)
+    overrides += [f"batch_size={args.batch_size}", f"eval_batch_size={args.batch_size}"]
     cfg = load_config(args.recipe, overrides)  # checked here, before any worker starts
-    check_batch_fits("--batch-size", args.batch_size, cfg.img_size or dataset_info(cfg.dataset).img_size)
     device, cpu_launch = _device(args.device), _cpu_launch(args.device)
     nproc = args.nproc_per_node or (cfg.processes if cpu_launch else 1)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # the processes of a running torchrun job (this one among them)
