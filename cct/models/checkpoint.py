@@ -79,12 +79,14 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def is_safetensors_file(path: str | os.PathLike) -> bool:
-    """Whether a file is laid out as safetensors (an 8-byte header length, then the JSON header's `{`), as
-    opposed to a PyTorch zip or pickle. The first byte alone cannot tell: it is the low byte of the header
-    length, which can be that of the zip (`P`) or pickle (`0x80`) magic."""
+def is_pytorch_file(path: str | os.PathLike) -> bool:
+    """Whether a file is a PyTorch zip or pickle rather than safetensors (anything else is read as safetensors,
+    whose reader names what is wrong). The first byte alone cannot tell: in a safetensors file it is the low
+    byte of the header length, which can be that of the zip (`P`) or pickle (`0x80`) magic; a safetensors
+    header then starts with `{` at byte 8."""
     with open(path, "rb") as f:
-        return f.read(9)[8:] == b"{"
+        head = f.read(9)
+    return head[8:] != b"{" and (head[:2] == b"PK" or head[:1] == b"\x80")
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -93,14 +95,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CCTError(f"checkpoint not found: {path}")
     try:
-        if is_safetensors_file(path):
+        if not is_pytorch_file(path):
             return _unwrap(load_file(path), path)
         with open(path, "rb") as f:  # a file object: torch.load would treat a *.safetensors name by its suffix
             return _unwrap(torch.load(f, map_location="cpu", weights_only=True), path)
     except pickle.UnpicklingError as e:
         raise CCTError(f"refusing to load {path}: it contains pickled Python objects, not only tensors "
                        f"({str(e).splitlines()[0][:200]})") from None
-    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise CCTError(f"{path} is not a readable checkpoint (truncated or not a safetensors/PyTorch file): "
                        f"{reason}") from None
@@ -246,7 +248,7 @@ def load_trained(path: str | os.PathLike, model_name: str | None = None) -> tupl
     if is_hub_folder(path):
         return load_hub_folder(path)
     path = resolve_weights_path(path)
-    meta = read_metadata(path) if is_safetensors_file(path) else {}
+    meta = {} if is_pytorch_file(path) else read_metadata(path)
     name = model_name or meta.get("model")
     if name is None:
         raise CCTError(f"{path} does not say which model it holds: pass --model NAME")
