@@ -64,7 +64,7 @@ def test_workers_die_when_their_launcher_is_killed_with_sigkill(tmp_path, data_r
         job.kill()  # SIGKILL to the launcher alone: it cannot stop its workers itself
         job.wait()
         # the kernel kills them at once; without the death signal they ran on as orphans until their store
-        # connection timed out (about 18 s on the 2-core machine), writing checkpoints meanwhile
+        # connection timed out, writing checkpoints meanwhile
         deadline = time.monotonic() + 5
         while any(_alive(w) for w in workers) and time.monotonic() < deadline:
             time.sleep(0.05)
