@@ -1,17 +1,22 @@
 """The `cct` command: one small function per sub-command; errors become one line and an exit code.
 
 Exit codes: 0 success, 1 a problem with data/files/checkpoints (CCTError), 2 a usage error (bad flag, name,
-key or value), 130 interrupted. `--debug` shows the full traceback instead of the one-line message.
+key or value; also a setting above this machine's bounds), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
+`--debug` shows the full traceback instead of the one-line message.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import math
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from . import __version__
@@ -25,22 +30,36 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def _at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= `minimum`; anything else is a one-line usage error naming the option."""
+def _at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer >= `minimum` (and <= `maximum`, a bound of this machine); anything else is a
+    one-line usage error naming the option."""
 
     def parse(text: str) -> int:
         value = int(text)
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum} on this machine, got {value}")
         return value
 
     parse.__name__ = "int"  # argparse's message for a non-number: "invalid int value"
     return parse
 
 
+def _finite_or_null(obj: object) -> object:
+    """`obj` with every NaN or infinite float replaced by None: JSON has no such numbers."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    return obj
+
+
 def _print_json(obj: object) -> None:
-    json.dump(obj, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    """Print strict JSON (NaN and infinities as null, which every JSON reader accepts)."""
+    sys.stdout.write(json.dumps(_finite_or_null(obj), indent=2, allow_nan=False) + "\n")
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -73,13 +92,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .train.config import check_crop_fits
     from .train.loop import check_resumable
     from .train.runs import run_records
+    from .train.state import claim_fresh_run_dir
 
     cfg = load_config(args.recipe, args.set or [])
     check_crop_fits(cfg)
     name = Path(args.recipe).stem
     run_dir = Path(args.out) if args.out else Path("runs") / name
-    if not args.resume and (run_dir / "last.state.pt").exists():
-        raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, or --out another folder")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the run in --out, --overwrite replaces it: give one of them")
     if args.resume and run_dir.is_dir():  # checked by train() too; here before any worker starts
         check_resumable(cfg, run_records(run_dir)[1] or {}, run_dir)
     cpu_launch = _cpu_launch(args.device)  # also refuses a GPU that is not there, before any process starts
@@ -91,6 +111,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     elif args.download:  # every process of a torchrun started by hand would download at once
         raise UsageError("--download under torchrun: let `cct train --nproc-per-node N` start the processes (it "
                          "downloads once, before them), or download the dataset first")
+    if not args.resume and not os.environ.get(_STARTED_BY_CCT) and os.environ.get("RANK", "0") == "0":
+        claim_fresh_run_dir(run_dir, args.overwrite)  # once, in the launching process
     nproc = args.nproc_per_node or (cfg.processes if cpu_launch else 1)
     if nproc > 1:
         _relaunch_with_torchrun(nproc, args.argv, share_cores=cpu_launch, on_failure=args.interrupt_hint)
@@ -160,6 +182,8 @@ def _relaunch_with_torchrun(nproc: int, argv: list[str], share_cores: bool,
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    from .train.distributed import LAUNCHER_PID
+
     if _under_torchrun():
         raise UsageError("--nproc-per-node starts torchrun itself: under torchrun, leave it out "
                          "(torchrun's own --nproc-per-node sets the processes)")
@@ -178,6 +202,7 @@ def _relaunch_with_torchrun(nproc: int, argv: list[str], share_cores: bool,
     threads = max(1, (os.cpu_count() or 1) // nproc) if share_cores else 1
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     os.environ[_STARTED_BY_CCT] = "1"  # its workers leave the "interrupted" line to this process
+    os.environ[LAUNCHER_PID] = str(os.getpid())  # its workers die with this process (`die_with_launcher`)
     # torchrun's "sending SIGTERM", "failed" and "Received 2 death signal" lines: the one line below says it (its
     # modules' loggers carry their own levels, so each one is silenced, not only their parent)
     elastic_logs = [logging.getLogger(name) for name in ["torch.distributed.elastic", *logging.root.manager.loggerDict]
@@ -193,10 +218,11 @@ def _relaunch_with_torchrun(nproc: int, argv: list[str], share_cores: bool,
                for r, f in sorted(e.failures.items(), key=lambda item: item[0] != first)]
         raise CCTError(f"a worker failed ({', '.join(how)}; the first is the cause, torchrun stops the others)"
                        f"{on_failure()}") from None
-    except SignalException as e:
-        raise KeyboardInterrupt from e
+    except SignalException as e:  # torchrun's own handlers caught the signal and stopped the workers
+        raise (Terminated() if e.sigval == signal.SIGTERM else KeyboardInterrupt()) from e
     finally:
         os.environ.pop(_STARTED_BY_CCT, None)
+        os.environ.pop(LAUNCHER_PID, None)
         for log, level in zip(elastic_logs, levels, strict=True):
             log.setLevel(level)
 
@@ -214,6 +240,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     # and the process layout
     overrides = [*(args.set or []), f"model={args.model}"]
     overrides += [f"{key}={getattr(args, key)}" for key in ("precision", "img_size") if getattr(args, key) is not None]
+    # checked against the memory with the image size (bench runs no evaluation: its batch stands for both)
+    overrides += [f"batch_size={args.batch_size}", f"eval_batch_size={args.batch_size}"]
     cfg = load_config(args.recipe, overrides)  # checked here, before any worker starts
     device, cpu_launch = _device(args.device), _cpu_launch(args.device)
     nproc = args.nproc_per_node or (cfg.processes if cpu_launch else 1)
@@ -280,15 +308,20 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     """Classify image files with a trained model."""
     model, meta = _model_for_images(args)
-    readable, unreadable = _read_images(args.images, model.img_size[0])
-    results = _classify(model, meta, readable, args.topk) if readable else []
+    results, unreadable = [], []
+    for start in range(0, len(args.images), PREDICT_BATCH):  # a batch at a time: memory stays bounded
+        readable, bad = _read_images(args.images[start:start + PREDICT_BATCH], model.img_size[0])
+        unreadable += bad
+        batch_results = _classify(model, meta, readable, args.topk) if readable else []
+        if args.json:
+            results += batch_results
+        else:
+            for r in batch_results:
+                print(r["image"])
+                for p in r["predictions"]:
+                    print(f"  {p['probability'] * 100:6.2f}%  {p['label']}")
     if args.json:
         _print_json(results)
-    else:
-        for r in results:
-            print(r["image"])
-            for p in r["predictions"]:
-                print(f"  {p['probability'] * 100:6.2f}%  {p['label']}")
     _report_unreadable(unreadable)
 
 
@@ -330,6 +363,9 @@ def _report_unreadable(unreadable: list[str]) -> None:
         raise CCTError(unreadable[-1])
 
 
+PREDICT_BATCH = 64  # images decoded and classified at a time by `cct predict`
+
+
 def _classify(model, meta: dict, images: list, topk: int) -> list[dict]:
     """The top-k labels and probabilities of each (path, uint8 image) pair, in order."""
     import torch
@@ -340,7 +376,7 @@ def _classify(model, meta: dict, images: list, topk: int) -> list[dict]:
     with torch.no_grad():
         probs = model(normalize(batch, meta["mean"], meta["std"])).float().softmax(dim=1)
     top = probs.topk(min(topk, probs.shape[1]), dim=1)
-    return [dict(image=str(path), predictions=_labelled(values, idx, meta["classes"]))
+    return [dict(image=_shown(path), predictions=_labelled(values, idx, meta["classes"]))
             for (path, _), values, idx in zip(images, top.values, top.indices, strict=True)]
 
 
@@ -355,35 +391,14 @@ _EXPLAIN_BATCH = 64  # images per forward pass: bounds the memory of the attenti
 
 def cmd_explain(args: argparse.Namespace) -> None:
     """Draw where a trained model looked in each image: its sequence-pooling and attention-rollout maps."""
-    import torch
-
-    from .data.augment import normalize
-    from .models.explain import explain, save_explanation_png
-
     model, meta = _model_for_images(args)
-    out = Path(args.out)
-    pngs = _explain_outputs(args.images, out)
-    readable, unreadable = _read_images(args.images, model.img_size[0])
-    if readable:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise CCTError(f"cannot write {out}: {e.strerror or e}") from None
-    results = []
-    for start in range(0, len(readable), _EXPLAIN_BATCH):
-        chunk = readable[start:start + _EXPLAIN_BATCH]
-        batch = torch.stack([image for _, image in chunk])
-        explanation = explain(model, normalize(batch, meta["mean"], meta["std"]), args.topk)
-        for i, (path, image) in enumerate(chunk):
-            try:
-                save_explanation_png(pngs[path], image, explanation, i, meta["classes"])
-            except OSError as e:
-                raise CCTError(f"cannot write {pngs[path]}: {e.strerror or e}") from None
-            results.append(dict(image=str(path), png=str(pngs[path]), pooling=explanation.pooling_kind,
-                                pooling_shape=list(explanation.pooling.shape[1:]),
-                                rollout_shape=list(explanation.rollout.shape[1:]),
-                                predictions=_labelled(explanation.top_probs[i], explanation.top_classes[i],
-                                                      meta["classes"])))
+    pngs = _explain_outputs(args.images, Path(args.out))
+    results, unreadable = [], []
+    for start in range(0, len(args.images), _EXPLAIN_BATCH):  # a batch at a time: memory stays bounded
+        readable, bad = _read_images(args.images[start:start + _EXPLAIN_BATCH], model.img_size[0])
+        unreadable += bad
+        if readable:
+            results += _explain_batch(model, meta, readable, pngs, args.topk)
     if args.json:
         _print_json(results)
     else:
@@ -391,6 +406,30 @@ def cmd_explain(args: argparse.Namespace) -> None:
             best = r["predictions"][0]
             print(f"{r['image']}: {best['label']} {best['probability'] * 100:.2f}%  -> {r['png']}")
     _report_unreadable(unreadable)
+
+
+def _explain_batch(model, meta: dict, readable: list, pngs: dict[str, Path], topk: int) -> list[dict]:
+    """Explain one batch of (path, image), draw each image's PNG and return their JSON records."""
+    import torch
+
+    from .data.augment import normalize
+    from .models.explain import explain, save_explanation_png
+
+    batch = torch.stack([image for _, image in readable])
+    explanation = explain(model, normalize(batch, meta["mean"], meta["std"]), topk)
+    results = []
+    for i, (path, image) in enumerate(readable):
+        try:
+            pngs[path].parent.mkdir(parents=True, exist_ok=True)
+            save_explanation_png(pngs[path], image, explanation, i, meta["classes"])
+        except OSError as e:
+            raise CCTError(f"cannot write {pngs[path]}: {e.strerror or e}") from None
+        results.append(dict(image=_shown(path), png=str(pngs[path]), pooling=explanation.pooling_kind,
+                            pooling_shape=list(explanation.pooling.shape[1:]),
+                            rollout_shape=list(explanation.rollout.shape[1:]),
+                            predictions=_labelled(explanation.top_probs[i], explanation.top_classes[i],
+                                                  meta["classes"])))
+    return results
 
 
 def _explain_outputs(images: list[str], out: Path) -> dict[str, Path]:
@@ -403,6 +442,12 @@ def _explain_outputs(images: list[str], out: Path) -> dict[str, Path]:
             raise UsageError(f"two images would both be drawn to {png}: give them different file names")
         pngs[path] = png
     return pngs
+
+
+def _shown(path: str) -> str:
+    """A file name as printable text: bytes that are not UTF-8 (kept by Python as lone surrogates, which a
+    UTF-8 stream refuses) are written as `\\xNN`."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _weights_source(args: argparse.Namespace) -> str | Path:
@@ -442,7 +487,10 @@ def cmd_export(args: argparse.Namespace) -> None:
     """Export a trained model to ONNX (dynamic batch), safetensors or TorchScript."""
     from .train.runs import export_trained
 
-    out = export_trained(_weights_source(args), args.format, Path(args.output), model_name=args.model)
+    if not args.output.strip():
+        raise UsageError("-o/--output: give the file to write")
+    out = export_trained(_weights_source(args), args.format, Path(args.output), model_name=args.model,
+                         overwrite=args.overwrite)
     print(f"wrote {out}")
 
 
@@ -464,6 +512,11 @@ def cmd_push(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command (also used to render `--help`)."""
+    from .train.config import machine_limits
+
+    limits = machine_limits()
+    processes, threads, img_size = limits.processes, limits.threads, limits.img_size
+    batch = limits.batch_size(16)  # a bound for any image size; the size-aware check follows where it is known
     parser = _Parser(prog="cct", description="Train, evaluate and ship Compact Convolutional Transformers.",
                      formatter_class=argparse.RawDescriptionHelpFormatter,
                      epilog="examples:\n  cct models 'cct_7*'\n  cct train keras-example\n  cct bench --json")
@@ -494,8 +547,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default: runs/RECIPE)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in the run directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run directory that holds another run, deleting that run's files")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    p.add_argument("--nproc-per-node", type=_at_least(1),
+    p.add_argument("--nproc-per-node", type=_at_least(1, processes),
                    help="start this many processes with torchrun (DDP); default: the recipe's `processes`")
 
     p = add("bench", cmd_bench, "measure training/inference images/s and the fraction of the matmul peak",
@@ -504,12 +559,12 @@ def build_parser() -> argparse.ArgumentParser:
             "  cct bench --set compile=true    # compiled blocks for training, whole model (frozen) for inference\n"
             "  cct bench --set stochastic_depth=skip --set drop_path_rate=0.5")
     p.add_argument("--model", default="cct_2_3x2_32")
-    p.add_argument("--batch-size", dest="batch_size", type=_at_least(1), default=128)
+    p.add_argument("--batch-size", dest="batch_size", type=_at_least(1, batch), default=128)
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
-    p.add_argument("--img-size", dest="img_size", type=_at_least(1))
-    p.add_argument("--threads", type=_at_least(1),
+    p.add_argument("--img-size", dest="img_size", type=_at_least(1, img_size))
+    p.add_argument("--threads", type=_at_least(1, threads),
                    help="torch intra-op threads per process (default: the cores shared out over the processes)")
-    p.add_argument("--nproc-per-node", type=_at_least(1),
+    p.add_argument("--nproc-per-node", type=_at_least(1, processes),
                    help="DDP processes under torchrun, sharing --batch-size (default on a CPU: the recipe's "
                         "`processes`, as `cct train` runs it)")
     p.add_argument("--recipe", default="cifar10-fast",
@@ -534,8 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="download the dataset into the data folder first if it is missing (CIFAR, Flowers-102)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="bf16",
                    help="autocast precision (default bf16, as training evaluates)")
-    p.add_argument("--batch-size", type=_at_least(1), default=500)
-    p.add_argument("--workers", type=_at_least(0), default=4, help="decoding workers for file datasets")
+    p.add_argument("--batch-size", type=_at_least(1, batch), default=500)
+    p.add_argument("--workers", type=_at_least(0, threads), default=4, help="decoding workers for file datasets")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction,
                    help="test-time horizontal-flip averaging (default: as the run was evaluated, else off)")
     p.add_argument("--compile", action="store_true",
@@ -586,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output file (a new folder for --format hub)")
     p.add_argument("--model", help="architecture name, for files that do not record it")
     p.add_argument("--pretrained", metavar="TAG", help="export the shipped weights of --model, e.g. cifar10")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     p = add("push", cmd_push, "upload a trained model to the Hugging Face Hub (needs a network and a token)",
             "  cct push runs/keras-example me/cct2-cifar10\n  cct push hub/cct2-cifar10 me/cct2-cifar10")
@@ -596,6 +652,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that it unwinds as from Ctrl-C: atomic writes remove their
+    temporary file, the run directory's lock is released, the last checkpoint stays."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM handled like Ctrl-C for the life of the command (where signals can be handled: the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _worker_setup() -> None:
+    """What a worker of a torchrun job does first: die with its launcher (no orphans if it is killed)."""
+    from .train.distributed import die_with_launcher
+
+    die_with_launcher()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `cct` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -603,19 +688,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     args = None
     try:
-        args = build_parser().parse_args(argv)
-        args.argv = argv  # for `cct train` to restart itself under torchrun
-        args.func(args)
+        with _sigterm_as_interrupt():
+            if _under_torchrun():
+                _worker_setup()
+            args = build_parser().parse_args(argv)
+            args.argv = argv  # for `cct train` to restart itself under torchrun
+            args.func(args)
         return 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if not (_under_torchrun() and os.environ.get(_STARTED_BY_CCT)):  # not a worker `cct` started
-            print(f"interrupted{getattr(args, 'interrupt_hint', lambda: '')()}", file=sys.stderr)
-        return 130
+            print(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}"
+                  f"{getattr(args, 'interrupt_hint', lambda: '')()}", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(e, Terminated) else 130
     except CCTError as e:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
+    except OSError as e:  # a path the system refuses (a name too long, a loop of links, ...) wherever it is met
+        if debug:
+            raise
+        print(f"error: {_os_error_line(e)}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as e:  # RuntimeError: torch's allocators report running out this way
+        if debug or not _is_out_of_memory(e):
+            raise
+        print("error: out of memory: lower the settings that size the work (batch_size, eval_batch_size, "
+              "img_size, workers, processes)", file=sys.stderr)
+        return 1
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    text = str(error)
+    return isinstance(error, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()
+
+
+def _os_error_line(error: OSError) -> str:
+    """An OSError as one line naming its file, with a short form of a long path."""
+    name = str(error.filename) if error.filename is not None else ""
+    if len(name) > 120:
+        name = f"{name[:60]}...{name[-40:]}"
+    return f"{name}: {error.strerror or error}" if name else str(error.strerror or error).splitlines()[0]
 
 
 if __name__ == "__main__":
