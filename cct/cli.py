@@ -633,11 +633,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("export", cmd_export, "export a trained model to ONNX, safetensors, TorchScript or a Hub folder",
             "  cct export runs/keras-example --format onnx -o cct2.onnx\n"
+            "  cct export runs/keras-example --format pt2 -o cct2.pt2      # torch.export program\n"
             "  cct export runs/keras-example --format torchscript -o cct2.pt\n"
             "  cct export runs/keras-example --format hub -o hub/cct2-cifar10\n"
             "  cct export --model cct_2_3x2_32 --pretrained cifar10 --format onnx -o cct2.onnx")
     p.add_argument("checkpoint", nargs="?", help="a .safetensors weights file or a run directory")
-    p.add_argument("--format", required=True, choices=("onnx", "safetensors", "torchscript", "hub"))
+    p.add_argument("--format", required=True, choices=("onnx", "pt2", "safetensors", "torchscript", "hub"))
     p.add_argument("-o", "--output", required=True, help="output file (a new folder for --format hub)")
     p.add_argument("--model", help="architecture name, for files that do not record it")
     p.add_argument("--pretrained", metavar="TAG", help="export the shipped weights of --model, e.g. cifar10")

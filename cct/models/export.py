@@ -19,7 +19,7 @@ from ..errors import CCTError, UsageError
 from .checkpoint import model_metadata
 from .hub import export_hub_folder
 
-FORMATS = ("onnx", "safetensors", "torchscript", "hub")
+FORMATS = ("onnx", "pt2", "safetensors", "torchscript", "hub")
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -28,6 +28,15 @@ os.umask(_UMASK)
 def _remove(path: Path) -> None:
     with contextlib.suppress(OSError):  # also where the folder itself is missing or a file
         path.unlink()
+
+
+def _save_exported_program(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """`torch.export`'s program of `model` with a dynamic batch dimension, saved as a `.pt2` file (load it with
+    `torch.export.load(path).module()`; no Python class of this package is needed)."""
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    with torch.no_grad():
+        program = torch.export.export(model, (example.expand(2, -1, -1, -1),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(path))
 
 
 def export_model(model: nn.Module, meta: dict[str, Any], fmt: str, output: Path,
@@ -67,6 +76,8 @@ def export_model(model: nn.Module, meta: dict[str, Any], fmt: str, output: Path,
                 torch.onnx.export(model, (example,), str(tmp), input_names=["images"], output_names=["logits"],
                                   dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
                                   opset_version=17, dynamo=False)
+        elif fmt == "pt2":
+            _save_exported_program(model, example, tmp)
         elif fmt == "torchscript":
             with torch.no_grad():
                 torch.jit.save(torch.jit.trace(model, example), str(tmp))

@@ -127,7 +127,7 @@ def test_predict_any_image_mode(trained_run, tmp_path, capsys):
     assert "bad.jpg" in capsys.readouterr().err
 
 
-def test_export_onnx_torchscript_safetensors(trained_run, tmp_path):
+def test_export_onnx_pt2_torchscript_safetensors(trained_run, tmp_path):
     import onnxruntime
 
     from cct.train.runs import load_trained
@@ -140,6 +140,9 @@ def test_export_onnx_torchscript_safetensors(trained_run, tmp_path):
     session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
     got = session.run(None, {"images": x.numpy()})[0]  # batch 5 through a model exported with batch 1
     assert np.abs(got - expected).max() < 1e-4
+    assert main(["export", str(trained_run), "--format", "pt2", "-o", str(tmp_path / "m.pt2")]) == 0
+    program = torch.export.load(str(tmp_path / "m.pt2")).module()  # exported with batch 2, run with batch 5
+    assert np.abs(program(x).detach().numpy() - expected).max() < 1e-5
     assert main(["export", str(trained_run), "--format", "torchscript", "-o", str(tmp_path / "m.pt")]) == 0
     scripted = torch.jit.load(str(tmp_path / "m.pt"))
     assert np.abs(scripted(x).detach().numpy() - expected).max() < 1e-5
