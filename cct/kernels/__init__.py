@@ -2,9 +2,10 @@
 
 The model in `cct.models` is built from PyTorch and timm layers only; `accelerate(model)` replaces its
 tokenizer convolutions, max-pool + ReLU, attention and MLP modules in place by subclasses that run the kernels
-of `cpu_kernels.c` where they apply (a CPU with AVX-512 bf16 or AMX as PyTorch sees it, see `cct.kernels.dispatch`, bf16 computation, one intra-op thread, channel
-counts in multiples of 16) and PyTorch's own kernels everywhere else, like `torch.compile` leaves a model's
-definition alone. Figures of what each kernel gains are in docs/kernels.md.
+of `cpu_kernels.c` where they apply (a CPU with AVX-512 bf16 or AMX as PyTorch sees it, see
+`cct.kernels.dispatch`; bf16 computation, one intra-op thread, channel counts in multiples of 16) and PyTorch's
+own kernels everywhere else, like `torch.compile` leaves a model's definition alone. Figures of what each kernel
+gains are in docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from torch import nn
 
 from .attention import Attention
 from .conv import Conv2d
-from .mlp import Mlp
 from .dispatch import cpu_kind, fast_paths
+from .mlp import Mlp
 from .native import available, usable
 from .pool import MaxPoolReLU
 from .tokenizer import TokenizerLayer
 
-__all__ = ["accelerate", "available", "cpu_kind", "fast_paths", "usable", "Attention", "Conv2d", "MaxPoolReLU", "Mlp", "TokenizerLayer"]
+__all__ = ["accelerate", "available", "cpu_kind", "fast_paths", "usable", "Attention", "Conv2d", "MaxPoolReLU",
+           "Mlp", "TokenizerLayer"]
 
 # Plain module class -> the subclass with the same parameters that runs the kernels. Only exact classes are
 # swapped: a user's own subclass of one of them may compute something else.

@@ -3,8 +3,9 @@
 The kernels run where `cct.kernels.dispatch` turns them on for this kind of CPU as PyTorch sees it (AVX-512 bf16
 or AMX). The library is then compiled on first use with the system's C compiler (which inductor needs too) for
 this CPU (`-march=native`) and cached in `$CCT_CACHE` (default `~/.cache/cct`). Where the kind of CPU turns them
-off, that cannot be done (no compiler, no AVX-512 bf16, not x86-64 Linux) or an input does not suit them (fp32, channels not a multiple of 16, several
-intra-op threads, tracing for export), the modules of this package run PyTorch's own kernels.
+off, that cannot be done (no compiler, no AVX-512 bf16, not x86-64 Linux) or an input does not suit them (fp32,
+channels not a multiple of 16, several intra-op threads, tracing for export), the modules of this package run
+PyTorch's own kernels.
 """
 
 from __future__ import annotations

@@ -11,8 +11,6 @@ import torch
 
 from ..kernels.dispatch import cpu_kind, fast_paths
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
 
 def resolve_precision(requested: str, device: torch.device) -> tuple[str, str]:
     """The precision a run computes in, and why.
