@@ -79,6 +79,12 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+def has_float64(device: torch.device) -> bool:
+    """Whether a device computes in float64 (Apple's MPS does not): the batched augmentation's geometry and the
+    evaluation's sums use it where it is there."""
+    return device.type != "mps"
+
+
 def configure_attention(model: torch.nn.Module, device: torch.device, precision: str) -> None:
     """Pick the attention implementation for a device and precision. On a CPU computing bf16 natively the explicit
     product (q @ k^T, softmax, @ v: timm's `fused_attn=False` path) is much faster than every fused SDPA kernel at
@@ -169,8 +175,9 @@ def evaluate(model: torch.nn.Module, source: BatchSource, mean, std, cfg: Config
     """
     was_training = model.training
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top1, top5
-    per_class = torch.zeros(2, num_classes, dtype=torch.float64, device=device)  # correct, count
+    total = torch.float64 if has_float64(device) else torch.float32
+    sums = torch.zeros(3, dtype=total, device=device)  # loss sum, top1, top5
+    per_class = torch.zeros(2, num_classes, dtype=total, device=device)  # correct, count
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     count = min(len(source), cfg.eval_samples or len(source))
     indices = eval_batch_indices(count, cfg.eval_batch_size, dist.rank(), dist.world_size())
@@ -182,11 +189,11 @@ def evaluate(model: torch.nn.Module, source: BatchSource, mean, std, cfg: Config
                 logits = 0.5 * (logits + model(x.flip(3)).float())
         top5 = logits.topk(min(5, num_classes), dim=1).indices
         correct1 = top5[:, 0] == labels
-        sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
+        sums[0] += F.cross_entropy(logits, labels, reduction="sum").to(total)
         sums[1] += correct1.sum()
         sums[2] += (top5 == labels[:, None]).any(dim=1).sum()
-        per_class[0].index_add_(0, labels, correct1.double())
-        per_class[1].index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+        per_class[0].index_add_(0, labels, correct1.to(total))
+        per_class[1].index_add_(0, labels, torch.ones_like(labels, dtype=total))
         confusion.view(-1).index_add_(0, labels * num_classes + top5[:, 0], torch.ones_like(labels))
     for t in (sums, per_class, confusion):
         dist.all_reduce_sum(t)
@@ -272,7 +279,8 @@ class Engine:
             cutmix=cfg.cutmix if mixing else 0.0, mix_prob=cfg.mix_prob, switch_prob=cfg.switch_prob,
             label_smoothing=cfg.label_smoothing, erasing=cfg.erasing, channels_last=cfg.channels_last)
             for mixing in (True, False)}
-        self.generator = torch.Generator(device)
+        self.augment_device = device if has_float64(device) else torch.device("cpu")
+        self.generator = torch.Generator(self.augment_device)
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -290,7 +298,9 @@ class Engine:
         self.generator.manual_seed(step_seed(cfg.seed, step, dist.rank()))
         torch.manual_seed(step_seed(cfg.seed, step, dist.rank()) + 1)  # dropout masks
         self.model.seed_stochastic_depth(step_seed(cfg.seed, step))  # the same on every rank
-        x, targets = self.augments[mixing](images, labels, self.generator)
+        x, targets = self.augments[mixing](images.to(self.augment_device), labels.to(self.augment_device),
+                                           self.generator)
+        x, targets = x.to(self.device), targets.to(self.device)
         if size is not None and size != x.shape[-1]:
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
             x = x.contiguous(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
