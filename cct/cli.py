@@ -1,19 +1,25 @@
 """The `cct` command: one small function per sub-command; errors become one line and an exit code.
 
 Exit codes: 0 success, 1 a problem with data/files/checkpoints (CCTError), 2 a usage error (bad flag, name,
-key or value), 130 interrupted. `--debug` shows the full traceback instead of the one-line message.
+key or value; also a setting above this machine's bounds), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
+`--debug` shows the full traceback instead of the one-line message.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import math
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from . import __version__
 from .errors import CCTError, UsageError
 
 # the choices of --device and --precision, here rather than imported so that `cct --help` does not load torch
@@ -28,22 +34,36 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def _at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= `minimum`; anything else is a one-line usage error naming the option."""
+def _at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer >= `minimum` (and <= `maximum`, a bound of this machine); anything else is a
+    one-line usage error naming the option."""
 
     def parse(text: str) -> int:
         value = int(text)
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum} on this machine, got {value}")
         return value
 
     parse.__name__ = "int"  # argparse's message for a non-number: "invalid int value"
     return parse
 
 
+def _finite_or_null(obj: object) -> object:
+    """`obj` with every NaN or infinite float replaced by None: JSON has no such numbers."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    return obj
+
+
 def _print_json(obj: object) -> None:
-    json.dump(obj, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    """Print strict JSON (NaN and infinities as null, which every JSON reader accepts)."""
+    sys.stdout.write(json.dumps(_finite_or_null(obj), indent=2, allow_nan=False) + "\n")
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -76,13 +96,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .train.config import check_crop_fits
     from .train.loop import check_resumable
     from .train.runs import run_records
+    from .train.state import claim_fresh_run_dir
 
     cfg = load_config(args.recipe, args.set or [])
     check_crop_fits(cfg)
     name = Path(args.recipe).stem
     run_dir = Path(args.out) if args.out else Path("runs") / name
-    if not args.resume and (run_dir / "last.state.pt").exists():
-        raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, or --out another folder")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the run in --out, --overwrite replaces it: give one of them")
     if args.resume and run_dir.is_dir():  # checked by train() too; here before any worker starts
         check_resumable(cfg, run_records(run_dir)[1] or {}, run_dir)
     cpu_launch = _cpu_launch(args.device)  # also refuses a GPU that is not there, before any process starts
@@ -94,6 +115,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     elif args.download:  # every process of a torchrun started by hand would download at once
         raise UsageError("--download under torchrun: let `cct train --nproc-per-node N` start the processes (it "
                          "downloads once, before them), or download the dataset first")
+    if not args.resume and not os.environ.get(_STARTED_BY_CCT) and os.environ.get("RANK", "0") == "0":
+        claim_fresh_run_dir(run_dir, args.overwrite)  # once, in the launching process
     nproc = args.nproc_per_node or (cfg.processes if cpu_launch else 1)
     if nproc > 1:
         _relaunch_with_torchrun(nproc, args.argv, share_cores=cpu_launch, on_failure=args.interrupt_hint)
@@ -165,6 +188,8 @@ def _relaunch_with_torchrun(nproc: int, argv: list[str], share_cores: bool,
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    from .train.distributed import LAUNCHER_PID
+
     if _under_torchrun():
         raise UsageError("--nproc-per-node starts torchrun itself: under torchrun, leave it out "
                          "(torchrun's own --nproc-per-node sets the processes)")
@@ -183,6 +208,7 @@ def _relaunch_with_torchrun(nproc: int, argv: list[str], share_cores: bool,
     threads = max(1, (os.cpu_count() or 1) // nproc) if share_cores else 1
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     os.environ[_STARTED_BY_CCT] = "1"  # its workers leave the "interrupted" line to this process
+    os.environ[LAUNCHER_PID] = str(os.getpid())  # its workers die with this process (`die_with_launcher`)
     # torchrun's "sending SIGTERM", "failed" and "Received 2 death signal" lines: the one line below says it (its
     # modules' loggers carry their own levels, so each one is silenced, not only their parent)
     elastic_logs = [logging.getLogger(name) for name in ["torch.distributed.elastic", *logging.root.manager.loggerDict]
@@ -198,10 +224,11 @@ def _relaunch_with_torchrun(nproc: int, argv: list[str], share_cores: bool,
                for r, f in sorted(e.failures.items(), key=lambda item: item[0] != first)]
         raise CCTError(f"a worker failed ({', '.join(how)}; the first is the cause, torchrun stops the others)"
                        f"{on_failure()}") from None
-    except SignalException as e:
-        raise KeyboardInterrupt from e
+    except SignalException as e:  # torchrun's own handlers caught the signal and stopped the workers
+        raise (Terminated() if e.sigval == signal.SIGTERM else KeyboardInterrupt()) from e
     finally:
         os.environ.pop(_STARTED_BY_CCT, None)
+        os.environ.pop(LAUNCHER_PID, None)
         for log, level in zip(elastic_logs, levels, strict=True):
             log.setLevel(level)
 
@@ -219,6 +246,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     # and the process layout
     overrides = [*(args.set or []), f"model={args.model}"]
     overrides += [f"{key}={getattr(args, key)}" for key in ("precision", "img_size") if getattr(args, key) is not None]
+    # checked against the memory with the image size (bench runs no evaluation: its batch stands for both)
+    overrides += [f"batch_size={args.batch_size}", f"eval_batch_size={args.batch_size}"]
     cfg = load_config(args.recipe, overrides)  # checked here, before any worker starts
     device, cpu_launch = _device(args.device), _cpu_launch(args.device)
     nproc = args.nproc_per_node or (cfg.processes if cpu_launch else 1)
@@ -284,36 +313,63 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     """Classify image files with a trained model."""
+    model, meta = _model_for_images(args)
+    results, unreadable = [], []
+    for start in range(0, len(args.images), PREDICT_BATCH):  # a batch at a time: memory stays bounded
+        readable, bad = _read_images(args.images[start:start + PREDICT_BATCH], model.img_size[0])
+        unreadable += bad
+        batch_results = _classify(model, meta, readable, args.topk) if readable else []
+        if args.json:
+            results += batch_results
+        else:
+            for r in batch_results:
+                print(r["image"])
+                for p in r["predictions"]:
+                    print(f"  {p['probability'] * 100:6.2f}%  {p['label']}")
+    if args.json:
+        _print_json(results)
+    _report_unreadable(unreadable)
+
+
+def _model_for_images(args: argparse.Namespace):
+    """The trained model and metadata of `cct predict`-style arguments (CHECKPOINT IMAGE... or --pretrained
+    IMAGE...); leaves the image paths alone in `args.images`."""
     if args.pretrained is None:
         if len(args.images) < 2:
             raise UsageError("give a CHECKPOINT and at least one image")
         args.checkpoint, args.images = args.images[0], args.images[1:]
     else:
         args.checkpoint = None
-    from .data.datasets import eval_transform
     from .train.runs import load_trained
 
-    model, meta = load_trained(_weights_source(args), args.model)
     _retain_freed_memory(_device("cpu"))
-    transform = eval_transform(model.img_size[0], crop_pct=1.0)
-    readable, unreadable = [], []  # like `cat` or `file`: every image that can be read is classified
-    for path in args.images:
+    return load_trained(_weights_source(args), args.model)
+
+
+def _read_images(paths: list[str], img_size: int) -> tuple[list, list[str]]:
+    """(path, uint8 image as the model sees it) of every readable file, and one message per unreadable one:
+    like `cat` or `file`, every image that can be read is processed."""
+    from .data.datasets import eval_transform
+
+    transform = eval_transform(img_size, crop_pct=1.0)
+    readable, unreadable = [], []
+    for path in paths:
         try:
             readable.append((path, transform(_decode(path))))
         except CCTError as e:
             unreadable.append(str(e))
-    results = _classify(model, meta, readable, args.topk) if readable else []
-    if args.json:
-        _print_json(results)
-    else:
-        for r in results:
-            print(r["image"])
-            for p in r["predictions"]:
-                print(f"  {p['probability'] * 100:6.2f}%  {p['label']}")
+    return readable, unreadable
+
+
+def _report_unreadable(unreadable: list[str]) -> None:
+    """One `error:` line per unreadable image, the last one as the command's error (exit 1)."""
     for message in unreadable[:-1]:
         print(f"error: {message}", file=sys.stderr)
     if unreadable:
         raise CCTError(unreadable[-1])
+
+
+PREDICT_BATCH = 64  # images decoded and classified at a time by `cct predict`
 
 
 def _classify(model, meta: dict, images: list, topk: int) -> list[dict]:
@@ -326,9 +382,78 @@ def _classify(model, meta: dict, images: list, topk: int) -> list[dict]:
     with torch.no_grad():
         probs = model(normalize(batch, meta["mean"], meta["std"])).float().softmax(dim=1)
     top = probs.topk(min(topk, probs.shape[1]), dim=1)
-    return [dict(image=str(path), predictions=[dict(label=meta["classes"][i], probability=round(p, 6))
-                                               for p, i in zip(values.tolist(), idx.tolist(), strict=True)])
+    return [dict(image=_shown(path), predictions=_labelled(values, idx, meta["classes"]))
             for (path, _), values, idx in zip(images, top.values, top.indices, strict=True)]
+
+
+def _labelled(probabilities, indices, classes: list[str]) -> list[dict]:
+    """One image's top-k as [{label, probability}], highest first."""
+    return [dict(label=classes[i], probability=round(p, 6))
+            for p, i in zip(probabilities.tolist(), indices.tolist(), strict=True)]
+
+
+_EXPLAIN_BATCH = 64  # images per forward pass: bounds the memory of the attention matrices
+
+
+def cmd_explain(args: argparse.Namespace) -> None:
+    """Draw where a trained model looked in each image: its sequence-pooling and attention-rollout maps."""
+    model, meta = _model_for_images(args)
+    pngs = _explain_outputs(args.images, Path(args.out))
+    results, unreadable = [], []
+    for start in range(0, len(args.images), _EXPLAIN_BATCH):  # a batch at a time: memory stays bounded
+        readable, bad = _read_images(args.images[start:start + _EXPLAIN_BATCH], model.img_size[0])
+        unreadable += bad
+        if readable:
+            results += _explain_batch(model, meta, readable, pngs, args.topk)
+    if args.json:
+        _print_json(results)
+    else:
+        for r in results:
+            best = r["predictions"][0]
+            print(f"{r['image']}: {best['label']} {best['probability'] * 100:.2f}%  -> {r['png']}")
+    _report_unreadable(unreadable)
+
+
+def _explain_batch(model, meta: dict, readable: list, pngs: dict[str, Path], topk: int) -> list[dict]:
+    """Explain one batch of (path, image), draw each image's PNG and return their JSON records."""
+    import torch
+
+    from .data.augment import normalize
+    from .models.explain import explain, save_explanation_png
+
+    batch = torch.stack([image for _, image in readable])
+    explanation = explain(model, normalize(batch, meta["mean"], meta["std"]), topk)
+    results = []
+    for i, (path, image) in enumerate(readable):
+        try:
+            pngs[path].parent.mkdir(parents=True, exist_ok=True)
+            save_explanation_png(pngs[path], image, explanation, i, meta["classes"])
+        except OSError as e:
+            raise CCTError(f"cannot write {pngs[path]}: {e.strerror or e}") from None
+        results.append(dict(image=_shown(path), png=str(pngs[path]), pooling=explanation.pooling_kind,
+                            pooling_shape=list(explanation.pooling.shape[1:]),
+                            rollout_shape=list(explanation.rollout.shape[1:]),
+                            predictions=_labelled(explanation.top_probs[i], explanation.top_classes[i],
+                                                  meta["classes"])))
+    return results
+
+
+def _explain_outputs(images: list[str], out: Path) -> dict[str, Path]:
+    """The PNG each image's explanation goes to, `out/<stem>.png`; two images of the same stem are a usage
+    error, found before anything is written."""
+    pngs: dict[str, Path] = {}
+    for path in images:
+        png = out / f"{Path(path).stem}.png"
+        if png in pngs.values() and path not in pngs:
+            raise UsageError(f"two images would both be drawn to {png}: give them different file names")
+        pngs[path] = png
+    return pngs
+
+
+def _shown(path: str) -> str:
+    """A file name as printable text: bytes that are not UTF-8 (kept by Python as lone surrogates, which a
+    UTF-8 stream refuses) are written as `\\xNN`."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _weights_source(args: argparse.Namespace) -> str | Path:
@@ -357,11 +482,21 @@ def _decode(path: str):
         raise CCTError(f"{path}: {e}") from None
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Serve a web page where people try a trained model on their own images (needs Gradio)."""
+    from .demo import serve
+
+    serve(_weights_source(args), args.model, host=args.host, port=args.port, share=args.share)
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     """Export a trained model to ONNX (dynamic batch), safetensors or TorchScript."""
     from .train.runs import export_trained
 
-    out = export_trained(_weights_source(args), args.format, Path(args.output), model_name=args.model)
+    if not args.output.strip():
+        raise UsageError("-o/--output: give the file to write")
+    out = export_trained(_weights_source(args), args.format, Path(args.output), model_name=args.model,
+                         overwrite=args.overwrite)
     print(f"wrote {out}")
 
 
@@ -383,9 +518,15 @@ def cmd_push(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command (also used to render `--help`)."""
+    from .train.config import machine_limits
+
+    limits = machine_limits()
+    processes, threads, img_size = limits.processes, limits.threads, limits.img_size
+    batch = limits.batch_size(16)  # a bound for any image size; the size-aware check follows where it is known
     parser = _Parser(prog="cct", description="Train, evaluate and ship Compact Convolutional Transformers.",
                      formatter_class=argparse.RawDescriptionHelpFormatter,
                      epilog="examples:\n  cct models 'cct_7*'\n  cct train keras-example\n  cct bench --json")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
@@ -412,8 +553,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default: runs/RECIPE)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in the run directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run directory that holds another run, deleting that run's files")
     p.add_argument("--device", choices=DEVICES, help="default: cuda when available")
-    p.add_argument("--nproc-per-node", type=_at_least(1),
+    p.add_argument("--nproc-per-node", type=_at_least(1, processes),
                    help="start this many processes with torchrun (DDP); default: the recipe's `processes`")
 
     p = add("bench", cmd_bench, "measure training/inference images/s and the fraction of the matmul peak",
@@ -422,13 +565,13 @@ def build_parser() -> argparse.ArgumentParser:
             "  cct bench --set compile=true    # compiled blocks for training, whole model (frozen) for inference\n"
             "  cct bench --set stochastic_depth=skip --set drop_path_rate=0.5")
     p.add_argument("--model", default="cct_2_3x2_32")
-    p.add_argument("--batch-size", dest="batch_size", type=_at_least(1), default=128)
+    p.add_argument("--batch-size", dest="batch_size", type=_at_least(1, batch), default=128)
     p.add_argument("--precision", choices=PRECISIONS,
                    help="autocast precision (default: the recipe's, auto: bf16 where computed natively, else fp32)")
-    p.add_argument("--img-size", dest="img_size", type=_at_least(1))
-    p.add_argument("--threads", type=_at_least(1),
+    p.add_argument("--img-size", dest="img_size", type=_at_least(1, img_size))
+    p.add_argument("--threads", type=_at_least(1, threads),
                    help="torch intra-op threads per process (default: the cores shared out over the processes)")
-    p.add_argument("--nproc-per-node", type=_at_least(1),
+    p.add_argument("--nproc-per-node", type=_at_least(1, processes),
                    help="DDP processes under torchrun, sharing --batch-size (default on a CPU: the recipe's "
                         "`processes`, as `cct train` runs it)")
     p.add_argument("--recipe", default="cifar10-fast",
@@ -454,8 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="autocast precision (default auto, as training resolves it: bf16 where the device computes "
                         "it natively, else fp32)")
-    p.add_argument("--batch-size", type=_at_least(1), default=500)
-    p.add_argument("--workers", type=_at_least(0), default=4, help="decoding workers for file datasets")
+    p.add_argument("--batch-size", type=_at_least(1, batch), default=500)
+    p.add_argument("--workers", type=_at_least(0, threads), default=4, help="decoding workers for file datasets")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction,
                    help="test-time horizontal-flip averaging (default: as the run was evaluated, else off)")
     p.add_argument("--compile", action="store_true",
@@ -474,6 +617,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=_at_least(1), default=5)
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
+    p = add("explain", cmd_explain, "draw where a trained model looked: sequence-pooling and attention maps",
+            "  cct explain runs/keras-example cat.jpg dog.png -o maps/\n"
+            "  cct explain --model cct_2_3x2_32 --pretrained cifar10 cat.png --topk 3 --json")
+    p.add_argument("images", nargs="+", help="CHECKPOINT (a weights file, run directory or Hub folder; omit it "
+                   "with --pretrained) followed by image files of any size or mode")
+    p.add_argument("--model", help="architecture name, for files that do not record it")
+    p.add_argument("--pretrained", metavar="TAG", help="use the shipped weights of --model, e.g. cifar10")
+    p.add_argument("-o", "--out", default="explain", help="folder for one IMAGE-STEM.png per image "
+                   "(default: explain/)")
+    p.add_argument("--topk", type=_at_least(1), default=5)
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+
+    p = add("demo", cmd_demo, "serve a web page to try a trained model on uploaded images (needs Gradio)",
+            "  cct demo runs/keras-example\n  cct demo --model cct_2_3x2_32 --pretrained cifar10 --port 8080\n"
+            "  cct demo hub/cct2-cifar10 --host 0.0.0.0   # reachable from other machines")
+    p.add_argument("checkpoint", nargs="?", help="a weights file, run directory or Hub folder")
+    p.add_argument("--model", help="architecture name, for files that do not record it")
+    p.add_argument("--pretrained", metavar="TAG", help="use the shipped weights of --model, e.g. cifar10")
+    p.add_argument("--host", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=_at_least(1), help="TCP port (default: the first free one from 7860)")
+    p.add_argument("--share", action="store_true", help="also open a temporary public link (Gradio's servers)")
+
     p = add("export", cmd_export, "export a trained model to ONNX, safetensors, TorchScript or a Hub folder",
             "  cct export runs/keras-example --format onnx -o cct2.onnx\n"
             "  cct export runs/keras-example --format torchscript -o cct2.pt\n"
@@ -484,6 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output file (a new folder for --format hub)")
     p.add_argument("--model", help="architecture name, for files that do not record it")
     p.add_argument("--pretrained", metavar="TAG", help="export the shipped weights of --model, e.g. cifar10")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     p = add("push", cmd_push, "upload a trained model to the Hugging Face Hub (needs a network and a token)",
             "  cct push runs/keras-example me/cct2-cifar10\n  cct push hub/cct2-cifar10 me/cct2-cifar10")
@@ -494,6 +660,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that it unwinds as from Ctrl-C: atomic writes remove their
+    temporary file, the run directory's lock is released, the last checkpoint stays."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM handled like Ctrl-C for the life of the command (where signals can be handled: the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _worker_setup() -> None:
+    """What a worker of a torchrun job does first: die with its launcher (no orphans if it is killed)."""
+    from .train.distributed import die_with_launcher
+
+    die_with_launcher()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `cct` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -501,19 +696,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     args = None
     try:
-        args = build_parser().parse_args(argv)
-        args.argv = argv  # for `cct train` to restart itself under torchrun
-        args.func(args)
+        with _sigterm_as_interrupt():
+            if _under_torchrun():
+                _worker_setup()
+            args = build_parser().parse_args(argv)
+            args.argv = argv  # for `cct train` to restart itself under torchrun
+            args.func(args)
         return 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if not (_under_torchrun() and os.environ.get(_STARTED_BY_CCT)):  # not a worker `cct` started
-            print(f"interrupted{getattr(args, 'interrupt_hint', lambda: '')()}", file=sys.stderr)
-        return 130
+            print(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}"
+                  f"{getattr(args, 'interrupt_hint', lambda: '')()}", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(e, Terminated) else 130
     except CCTError as e:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
+    except OSError as e:  # a path the system refuses (a name too long, a loop of links, ...) wherever it is met
+        if debug:
+            raise
+        print(f"error: {_os_error_line(e)}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as e:  # RuntimeError: torch's allocators report running out this way
+        if debug or not _is_out_of_memory(e):
+            raise
+        print("error: out of memory: lower the settings that size the work (batch_size, eval_batch_size, "
+              "img_size, workers, processes)", file=sys.stderr)
+        return 1
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    text = str(error)
+    return isinstance(error, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()
+
+
+def _os_error_line(error: OSError) -> str:
+    """An OSError as one line naming its file, with a short form of a long path."""
+    name = str(error.filename) if error.filename is not None else ""
+    if len(name) > 120:
+        name = f"{name[:60]}...{name[-40:]}"
+    return f"{name}: {error.strerror or error}" if name else str(error.strerror or error).splitlines()[0]
 
 
 if __name__ == "__main__":

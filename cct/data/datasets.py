@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import pickle
+import stat
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageFiles",
     "InMemoryImages",
+    "MAX_IMAGE_BYTES",
     "MAX_IMAGE_PIXELS",
     "build_dataset",
     "collate_skip_bad",
@@ -62,6 +64,10 @@ log = logging.getLogger("cct.data")
 #: (a decompression bomb guard; the same figure as Pillow's default `Image.MAX_IMAGE_PIXELS`).
 #: A module constant so that a deployment (or a test) can change it.
 MAX_IMAGE_PIXELS: int = 89_478_485
+
+#: Image files larger than this are refused unread: above what any image of `MAX_IMAGE_PIXELS` pixels
+#: needs (4 bytes a pixel, uncompressed), so a huge file never fills the memory.
+MAX_IMAGE_BYTES: int = 384 << 20
 
 #: File name endings that `ImageFiles` picks up from a folder tree (compared case-insensitively).
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -281,13 +287,41 @@ def _download_cifar(spec: dict[str, Any], root: Path) -> None:
                        f"{spec['listing']})") from exc
 
 
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Rebuilds only what CIFAR pickles hold: dicts, lists, tuples, strings, bytes, numbers and numpy arrays.
+    Any other global (a function to call, a class to build) is refused before it is looked up, so a forged
+    batch file cannot run code."""
+
+    _ALLOWED = frozenset({
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how protocol 2 spells bytes when Python 3 wrote the file
+    })
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing {module}.{name}: only plain data and numpy arrays are "
+                                         "allowed")
+        return super().find_class(module, name)
+
+
 def _load_pickle(path: Path, title: str) -> dict[bytes, Any]:
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = _DataOnlyUnpickler(f, encoding="bytes").load()
+    except pickle.UnpicklingError as exc:
+        if str(exc).startswith("refusing "):
+            raise CCTError(f"{title} file {path} is not plain data ({_one_line(exc)}); nothing in it was run: "
+                           f"download the dataset again from its official source") from None
+        raise CCTError(f"{title} file {path} is unreadable or corrupt ({_one_line(exc)}); "
+                       f"delete it and download the dataset again") from None
+    except MemoryError:
+        raise CCTError(f"not enough memory to load {title} file {path} (the file is not at fault: free memory, "
+                       "or lower the settings that take it: batch_size, workers, processes)") from None
     except Exception as exc:
         raise CCTError(f"{title} file {path} is unreadable or corrupt ({_one_line(exc)}); "
-                       f"delete it and download the dataset again") from exc
+                       f"delete it and download the dataset again") from None
     if not isinstance(obj, dict):
         raise CCTError(f"{title} file {path} does not hold a CIFAR batch (a dict); "
                        f"download the dataset again")
@@ -370,11 +404,48 @@ def _pil_to_tensor(img: Any) -> Tensor:
     return torch.from_numpy(arr.transpose(2, 0, 1).copy())  # a writable copy, even of a 1-pixel image
 
 
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _not_regular(mode: int) -> str:
+    return next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+def _read_image_bytes(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of a regular file of at most `MAX_IMAGE_BYTES`, or `BadImage`. The file is opened
+    without blocking (a FIFO with no writer would wait forever), checked with `fstat` on the open descriptor
+    (no race with a rename), and read with a limit (a device such as /dev/zero never ends)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise BadImage(f"cannot read file ({_one_line(exc.strerror or exc)})") from exc
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise BadImage("cannot read file (Is a directory)")
+        if not stat.S_ISREG(info.st_mode):
+            raise BadImage(f"not a regular file ({_not_regular(info.st_mode)})")
+        if info.st_size > MAX_IMAGE_BYTES:
+            raise BadImage(f"file too large ({info.st_size} bytes > limit {MAX_IMAGE_BYTES})")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_IMAGE_BYTES + 1)  # the file may have grown since fstat
+    except OSError as exc:
+        raise BadImage(f"cannot read file ({_one_line(exc.strerror or exc)})") from exc
+    finally:
+        os.close(fd)
+    if len(data) > MAX_IMAGE_BYTES:
+        raise BadImage(f"file too large (more than {MAX_IMAGE_BYTES} bytes)")
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    return data
+
+
 def decode_image_file(path: str | os.PathLike[str]) -> Tensor:
     """Decode one image file to a uint8 `3 x H x W` RGB tensor, or raise `BadImage` saying why.
 
     The header is read first (Pillow reads only the header on open) and images with more than
-    :data:`MAX_IMAGE_PIXELS` pixels are refused, so a decompression bomb never gets decoded. JPEG, GIF and
+    `MAX_IMAGE_PIXELS` pixels are refused, so a decompression bomb never gets decoded. JPEG, GIF and
     WebP are decoded by torchvision.io (libjpeg-turbo; fast); PNG (see `_TORCHVISION_FORMATS`), other
     formats (BMP, TIFF) and files torchvision cannot handle go through Pillow. Grey, grey+alpha, palette,
     RGBA and CMYK images become 3-channel RGB (alpha is dropped); 16-bit images are scaled to 8 bits
@@ -383,13 +454,7 @@ def decode_image_file(path: str | os.PathLike[str]) -> Tensor:
     """
     from PIL import Image, UnidentifiedImageError
 
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise BadImage(f"cannot read file ({_one_line(exc.strerror or exc)})") from exc
-    if not data:
-        raise BadImage("empty file (0 bytes)")
+    data = _read_image_bytes(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -667,14 +732,43 @@ def _list_class_dirs(folder: Path) -> list[str]:
 
 
 def _list_images(folder: Path) -> list[str]:
-    """Sorted relative paths of image files under `folder` (recursively, following the tree)."""
+    """Sorted relative paths of the regular image files under `folder` (recursively, following links to
+    folders). A folder reached twice (a link cycle, or two links to one folder) is walked once; special files
+    (FIFOs, devices, sockets, dangling links) with an image name are skipped, and both are counted in one
+    warning."""
     found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel_dir = os.path.relpath(dirpath, folder)
-        for fname in filenames:
-            if _is_image_name(fname):
-                found.append(fname if rel_dir == "." else os.path.join(rel_dir, fname))
+    seen: set[tuple[int, int]] = set()
+    skipped = {"special files": 0, "folders reached twice (link cycles)": 0}
+    pending = [(folder, "")]
+    while pending:
+        directory, rel_dir = pending.pop()
+        try:
+            info = directory.stat()
+            if (info.st_dev, info.st_ino) in seen:
+                skipped["folders reached twice (link cycles)"] += 1
+                continue
+            seen.add((info.st_dev, info.st_ino))
+            with os.scandir(directory) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            continue  # unreadable, or gone since it was listed
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            rel = entry.name if not rel_dir else os.path.join(rel_dir, entry.name)
+            try:
+                is_dir, is_file = entry.is_dir(), entry.is_file()
+            except OSError:
+                is_dir = is_file = False
+            if is_dir:
+                pending.append((Path(entry.path), rel))
+            elif _is_image_name(entry.name):
+                if is_file:
+                    found.append(rel)
+                else:
+                    skipped["special files"] += 1
+    if any(skipped.values()):
+        log.warning("%s: skipped %s", folder, ", ".join(f"{n} {what}" for what, n in skipped.items() if n))
     found.sort()
     return found
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -78,23 +79,30 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+def is_pytorch_file(path: str | os.PathLike) -> bool:
+    """Whether a file is a PyTorch zip or pickle rather than safetensors (anything else is read as safetensors,
+    whose reader names what is wrong). The first byte alone cannot tell: in a safetensors file it is the low
+    byte of the header length, which can be that of the zip (`P`) or pickle (`0x80`) magic; a safetensors
+    header then starts with `{` at byte 8."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return head[8:] != b"{" and (head[:2] == b"PK" or head[:1] == b"\x80")
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a state dict from a safetensors file or a PyTorch `.pth` (tensors only, never arbitrary pickles)."""
     path = Path(path)
     if not path.is_file():
         raise CCTError(f"checkpoint not found: {path}")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    is_zip_or_pickle = head[:2] == b"PK" or head[:1] == b"\x80"
     try:
-        if not is_zip_or_pickle:
+        if not is_pytorch_file(path):
             return _unwrap(load_file(path), path)
         with open(path, "rb") as f:  # a file object: torch.load would treat a *.safetensors name by its suffix
             return _unwrap(torch.load(f, map_location="cpu", weights_only=True), path)
     except pickle.UnpicklingError as e:
         raise CCTError(f"refusing to load {path}: it contains pickled Python objects, not only tensors "
                        f"({str(e).splitlines()[0][:200]})") from None
-    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise CCTError(f"{path} is not a readable checkpoint (truncated or not a safetensors/PyTorch file): "
                        f"{reason}") from None
@@ -143,7 +151,18 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
         raise CCTError(f"checkpoint {path} does not fit {name}: {problem}")
     model.load_state_dict(state_dict)
+    warn_non_finite(model, path)
     return model
+
+
+def warn_non_finite(model: nn.Module, source: str | os.PathLike) -> int:
+    """Log one warning line when the weights hold NaN or infinite values (what it computes is then NaN, not a
+    prediction); returns how many values are not finite."""
+    count = sum(int((~torch.isfinite(t)).sum()) for t in model.state_dict().values() if t.is_floating_point())
+    if count:
+        logger.warning("warning: %s holds %d NaN or infinite weight value(s): its outputs are not meaningful",
+                       source, count)
+    return count
 
 
 def model_metadata(model: nn.Module, model_name: str, classes: list[str], mean, std, dataset: str,
@@ -155,14 +174,54 @@ def model_metadata(model: nn.Module, model_name: str, classes: list[str], mean, 
     return {k: json.dumps(v) for k, v in meta.items()}
 
 
+#: Bounds on what a weights file's header may claim (far above any real model of this library).
+MAX_CLASSES = 100_000
+MAX_IMG_SIZE = 4096
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The cct metadata of a safetensors weights file ({} when it has none, e.g. a bare state dict)."""
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
     except Exception as e:  # safetensors raises several exception types for a bad header
+        if "Cannot allocate memory" in str(e):  # an address-space limit, not a bad file
+            raise CCTError(f"not enough memory to map {path} (the file is not at fault)") from None
         raise CCTError(f"{path} is not a readable safetensors file: {str(e).splitlines()[0][:200]}") from None
     try:
-        return {k: json.loads(v) for k, v in raw.items()}
+        meta = {k: json.loads(v) for k, v in raw.items()}
     except json.JSONDecodeError:
         return {}
+    return check_metadata(meta, path)
+
+
+def _is_number_list(value: object, length: int) -> bool:
+    return (isinstance(value, list) and len(value) == length
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
+
+
+def check_metadata(meta: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    """`meta` itself when the fields a model is rebuilt from have sane types and sizes; a header edited by hand
+    (a negative or huge class count or image size, class names that are not strings) is one line, not a
+    traceback or an allocation of the size it claims."""
+    problems = []
+    if "model" in meta and not isinstance(meta["model"], str):
+        problems.append("model is not a name")
+    classes = meta.get("num_classes")
+    if classes is not None and (not isinstance(classes, int) or isinstance(classes, bool)
+                                or not 1 <= classes <= MAX_CLASSES):
+        problems.append(f"num_classes is not an integer in 1..{MAX_CLASSES}")
+    size = meta.get("img_size")
+    if size is not None and not (_is_number_list(size, 2) and all(isinstance(v, int) and 1 <= v <= MAX_IMG_SIZE
+                                                                  for v in size)):
+        problems.append(f"img_size is not two integers in 1..{MAX_IMG_SIZE}")
+    names = meta.get("classes")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)
+                                  and (classes is None or len(names) == classes)):
+        problems.append("classes is not a list of num_classes names")
+    problems += [f"{key} is not 3 finite numbers" for key in ("mean", "std")
+                 if key in meta and not _is_number_list(meta[key], 3)]
+    if problems:
+        raise CCTError(f"{path} has a damaged or forged header: {'; '.join(problems)}")
+    return meta
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,9 @@ from .checkpoint import model_metadata
 from .hub import export_hub_folder
 
 FORMATS = ("onnx", "safetensors", "torchscript", "hub")
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def _remove(path: Path) -> None:
@@ -50,10 +54,13 @@ def export_model(model: nn.Module, meta: dict[str, Any], fmt: str, output: Path,
         return export_hub_folder(model, meta, output, summary=summary, recipe=recipe)
     height, width = model.img_size
     example = torch.zeros(1, 3, height, width)
-    tmp = output.with_name(f".{output.name}.tmp")
+    tmp = None
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        tmp.open("wb").close()  # an unwritable place fails here as an OSError, whatever the writer would raise
+        # a new name that nobody can have planted a link at; an unwritable place fails here as an OSError
+        fd, name = tempfile.mkstemp(prefix=f".{output.name[:200]}.", suffix=".tmp", dir=output.parent)
+        os.close(fd)
+        tmp = Path(name)
         if fmt == "onnx":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -69,11 +76,14 @@ def export_model(model: nn.Module, meta: dict[str, Any], fmt: str, output: Path,
             metadata = model_metadata(model, meta["model"], meta["classes"], meta["mean"], meta["std"],
                                       meta.get("dataset", ""), extra)
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, output)
     except (OSError, SafetensorError) as e:  # e.g. the disk filled up while writing
-        _remove(tmp)
+        if tmp is not None:
+            _remove(tmp)
         raise CCTError(f"cannot write {output}: {getattr(e, 'strerror', None) or e}") from None
     except BaseException:
-        _remove(tmp)
+        if tmp is not None:
+            _remove(tmp)
         raise
     return output

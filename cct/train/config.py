@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -166,6 +167,72 @@ _PROBABILITIES = ("hflip", "mix_prob", "switch_prob", "erasing", "ema_decay")
 _LARGEST_INT = 2**31 - 1  # seeds and thread counts beyond this overflow torch's C integers
 
 
+@dataclass(frozen=True)
+class MachineLimits:
+    """Upper bounds of the settings that size processes, threads, batches and images on this machine: far above
+    what fits it well, low enough that a typo (an extra zero or three) is refused in one line instead of ending
+    in a crash, a swap storm or a fork bomb."""
+
+    cores: int
+    memory: int  # bytes of physical memory
+
+    @property
+    def processes(self) -> int:
+        return max(8, 4 * self.cores)
+
+    @property
+    def threads(self) -> int:  # intra-op threads and data-loading workers
+        return max(64, 8 * self.cores)
+
+    @property
+    def img_size(self) -> int:  # the side of one float32 RGB image that fills a quarter of the memory
+        return min(MAX_IMG_SIZE, math.isqrt(self.memory // (4 * 3 * 4)))
+
+    def batch_size(self, img_size: int) -> int:
+        """The largest batch of float32 RGB images of side `img_size` that fits in the memory."""
+        return max(1, self.memory // (3 * 4 * img_size * img_size))
+
+
+MAX_IMG_SIZE = 8192  # far above any model of this library, whatever the machine
+
+
+def machine_limits() -> MachineLimits:
+    """The limits of this machine: the cores this process may use and the physical memory."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 16 << 30
+    return MachineLimits(cores=cores, memory=memory)
+
+
+def check_batch_fits(option: str, batch_size: int, img_size: int, limits: MachineLimits | None = None) -> None:
+    """Refuse, as a usage error, a batch of `img_size` images whose float32 input alone exceeds the memory."""
+    limits = limits or machine_limits()
+    if img_size > limits.img_size:
+        raise UsageError(f"img_size must be <= {limits.img_size} on this machine, got {img_size}")
+    largest = limits.batch_size(img_size)
+    if batch_size > largest:
+        raise UsageError(f"{option} must be <= {largest} for {img_size} px images on this machine "
+                         f"({limits.memory / 2**30:.0f} GiB of memory), got {batch_size}")
+
+
+def _check_machine_limits(cfg: Config) -> None:
+    limits = machine_limits()
+    bounds = dict(processes=limits.processes, threads=limits.threads, workers=limits.threads,
+                  padding=MAX_IMG_SIZE, low_res_size=limits.img_size)
+    for key, bound in bounds.items():
+        value = getattr(cfg, key)
+        if value is not None and value > bound:
+            raise UsageError(f"{key} must be <= {bound} on this machine ({limits.cores} cores), got {value}")
+    img_size = cfg.img_size or dataset_info(cfg.dataset).img_size
+    check_batch_fits("batch_size", cfg.batch_size, img_size, limits)
+    check_batch_fits("eval_batch_size", cfg.eval_batch_size, img_size, limits)
+
+
 def _validate(cfg: Config) -> Config:
     """Refuse values that would otherwise fail later with a traceback (or silently train nonsense)."""
     for key in FIELDS:
@@ -182,6 +249,7 @@ def _validate(cfg: Config) -> Config:
             raise UsageError(f"{key} must be {problem}, got {value}")
     check_model_name(cfg.model)
     dataset_info(cfg.dataset)  # refuses an unknown name
+    _check_machine_limits(cfg)
     scale = cfg.scale
     if len(scale) != 2 or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in scale) \
             or not 0 < scale[0] <= scale[1] <= 1:
@@ -224,15 +292,21 @@ def load_config(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> Con
     """
     recipes = bundled_recipes()
     path = recipes.get(recipe) or Path(recipe)
+    if path.exists() and not path.is_file():  # a folder, FIFO or device: reading it could block or never end
+        raise UsageError(f"recipe {path} is not a regular file")
     if not path.is_file():
         close = difflib.get_close_matches(recipe, recipes, n=1, cutoff=0.4)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise UsageError(f"unknown recipe {recipe!r}: {hint}bundled recipes are {', '.join(sorted(recipes))}, "
                          "or give a YAML file path")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise UsageError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"recipe {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise UsageError(f"cannot read recipe {path}: {e.strerror or e}") from None
     if not isinstance(data, dict):
         raise UsageError(f"recipe {path} must be a mapping of keys to values")
     data.update(parse_override(o) for o in overrides)

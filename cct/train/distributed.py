@@ -3,9 +3,12 @@ wrapper, reductions of metrics and "only rank 0 writes". Everything else is PyTo
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import re
+import signal
+import sys
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -15,6 +18,28 @@ import torch.distributed as td
 from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import CCTError
+
+#: Set by `cct` for the workers of a torchrun it starts: the pid of the process they must not outlive.
+LAUNCHER_PID = "CCT_LAUNCHER_PID"
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def die_with_launcher() -> bool:
+    """Have the kernel SIGKILL this worker the moment the process that started it dies, however it dies
+    (SIGKILL included, which leaves the launcher no chance to stop its workers). Linux only (`prctl`); a worker
+    whose launcher is already gone exits at once. Returns whether the kernel took the request.
+
+    The death signal follows the thread that forked the worker: torchrun starts its workers from the launcher's
+    main thread, which lives as long as the launcher."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return False
+    launcher = os.environ.get(LAUNCHER_PID)
+    if launcher is not None and os.getppid() != int(launcher):  # it died before the request was made
+        os._exit(128 + signal.SIGKILL)
+    return True
 
 
 def is_distributed() -> bool:

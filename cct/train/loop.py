@@ -38,7 +38,7 @@ from . import distributed as dist
 from .config import Config, check_crop_fits, config_to_dict
 from .precision import resolve_precision
 from .report import MetricsLog, Progress
-from .state import RunLock, atomic_write_text, load_state, save_state, save_weights
+from .state import RunLock, atomic_write_text, load_state, restoring_state, save_state, save_weights
 
 STATE_FILE = "last.state.pt"
 
@@ -508,9 +508,10 @@ def _start(cfg: Config, run_dir: Path, data_root: Path | None, resume: bool, dev
 
 def _resume(run: _Run, state: dict[str, Any]) -> None:
     """Put a run where its saved state left it: weights, optimiser, step, history, the epoch's running sums."""
-    run.engine.load_state_dict(state)
-    run.step, run.best_top1, run.train_seconds = state["step"], state["best_top1"], state["train_seconds"]
-    run.history, run.stats = state["history"], EpochStats(**state["epoch_stats"])
+    with restoring_state(run.run_dir / STATE_FILE):
+        run.engine.load_state_dict(state)
+        run.step, run.best_top1, run.train_seconds = state["step"], state["best_top1"], state["train_seconds"]
+        run.history, run.stats = state["history"], EpochStats(**state["epoch_stats"])
     if not run.rank0:  # the saved running sums are over all ranks (see `_save`): rank 0 alone carries them on
         run.stats = EpochStats(seconds=run.stats.seconds, extra=run.stats.extra)
 

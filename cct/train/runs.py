@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
 import yaml
 from torch import nn
 
-from ..errors import CCTError
+from ..errors import CCTError, UsageError
 from ..models import create_model
-from ..models.checkpoint import read_metadata
-from ..models.export import export_model
+from ..models.checkpoint import is_pytorch_file, read_metadata
+from ..models.export import FORMATS, export_model
 from ..models.hub import is_hub_folder, load_hub_folder
 
 WEIGHT_FILES = ("best.safetensors", "last.safetensors", "model.safetensors")
@@ -53,9 +54,7 @@ def load_trained(path: str | os.PathLike, model_name: str | None = None) -> tupl
     if is_hub_folder(path):
         return load_hub_folder(path)
     path = resolve_weights_path(path)
-    with open(path, "rb") as f:
-        is_safetensors = f.read(1) not in (b"P", b"\x80")  # zip or pickle magic: a PyTorch file
-    meta = read_metadata(path) if is_safetensors else {}
+    meta = {} if is_pytorch_file(path) else read_metadata(path)
     name = model_name or meta.get("model")
     if name is None:
         raise CCTError(f"{path} does not say which model it holds: pass --model NAME")
@@ -86,15 +85,65 @@ def run_records(checkpoint: Path) -> tuple[dict | None, dict | None]:
     summary = recipe = None
     record = checkpoint.with_suffix(".json")  # shipped weights carry their run's summary beside them
     if checkpoint.is_file() and record.is_file():
-        summary = json.loads(record.read_text())
+        summary = _read_record(record, json.loads)
     elif (run_dir / "summary.json").is_file():
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = _read_record(run_dir / "summary.json", json.loads)
     if (run_dir / "config.yaml").is_file():
-        recipe = yaml.safe_load((run_dir / "config.yaml").read_text())
+        recipe = _read_record(run_dir / "config.yaml", yaml.safe_load)
     return summary, recipe
 
 
-def export_trained(checkpoint: str | os.PathLike, fmt: str, output: Path, model_name: str | None = None) -> Path:
+def _read_record(path: Path, parse: Any) -> dict:
+    """A run's JSON or YAML record as a dict, or one line saying that the file is damaged."""
+    try:
+        record = parse(path.read_text(encoding="utf-8"))
+    except Exception as e:  # unreadable, not UTF-8, not JSON or YAML: each parser has its own error types
+        raise CCTError(f"{path} is damaged ({str(e).splitlines()[0][:160]}): restore it or remove it") from None
+    if not isinstance(record, dict):
+        raise CCTError(f"{path} is damaged (it holds a {type(record).__name__}, not a mapping): restore it or "
+                       "remove it")
+    return record
+
+
+def _is_same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def check_export_target(checkpoint: str | os.PathLike, fmt: str, output: Path, overwrite: bool = False) -> None:
+    """Refuse, in one line, an export that would destroy something: writing over its own input, over what is not
+    a regular file (a folder, FIFO, device, or a link to one), or over an existing file without `overwrite`.
+
+    Args:
+        checkpoint: what the export reads (a weights file or a run directory).
+        fmt: the export format; "hub" writes a new folder, checked by `export_hub_folder`.
+        output: the file (or, for "hub", folder) to write.
+        overwrite: replace an existing regular file.
+
+    Raises:
+        UsageError: `output` is the input, or exists and `overwrite` is false.
+        CCTError: `output` is not a regular file.
+    """
+    source = Path(checkpoint)
+    sources = [source] + ([resolve_weights_path(source)] if source.is_dir() else [])
+    if any(_is_same_file(output, s) for s in sources):
+        raise UsageError(f"{output} is the checkpoint being exported: write the export to another file")
+    if fmt == "hub" or not os.path.lexists(output):
+        return
+    try:
+        mode = os.stat(output).st_mode
+    except OSError as e:  # a dangling symbolic link, or a folder on the way that cannot be read
+        raise CCTError(f"cannot write {output}: {e.strerror or e}") from None
+    if not stat.S_ISREG(mode):
+        raise CCTError(f"{output} exists and is not a regular file: write the export to a new file name")
+    if not overwrite:
+        raise UsageError(f"{output} exists: pass --overwrite to replace it, or write to a new file name")
+
+
+def export_trained(checkpoint: str | os.PathLike, fmt: str, output: Path, model_name: str | None = None,
+                   overwrite: bool = False) -> Path:
     """Export a trained model (weights file, run directory, Hub folder) with `cct.models.export.export_model`;
     a Hub folder also carries the run's record (summary and recipe) in its model card.
 
@@ -103,10 +152,14 @@ def export_trained(checkpoint: str | os.PathLike, fmt: str, output: Path, model_
         fmt: one of `cct.models.export.FORMATS`.
         output: the file (or, for "hub", the new folder) to write.
         model_name: the architecture, for files that do not record it.
+        overwrite: replace an existing regular file at `output`.
 
     Returns:
         The path written.
     """
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    check_export_target(checkpoint, fmt, output, overwrite)
     model, meta = load_trained(checkpoint, model_name)
     summary, recipe = run_records(Path(checkpoint)) if fmt == "hub" else (None, None)
     return export_model(model, meta, fmt, output, summary=summary, recipe=recipe)

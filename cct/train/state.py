@@ -4,6 +4,7 @@ previous file intact and loadable; and the lock that keeps two runs out of one r
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import io
 import logging
@@ -11,6 +12,7 @@ import os
 import pickle
 import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ import torch
 from safetensors.torch import save
 from torch import nn
 
-from ..errors import CCTError
+from ..errors import CCTError, UsageError
 
 logger = logging.getLogger("cct.train")
 
@@ -73,17 +75,53 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, buffer.getbuffer())
 
 
+# the fields of a saved training state and the types they must have (a state written by `cct train` has them)
+_STATE_FIELDS: dict[str, type | tuple[type, ...]] = dict(
+    step=int, best_top1=(int, float), train_seconds=(int, float), history=list, epoch_stats=dict,
+    model=dict, optimizer=dict, scaler=dict)
+_OPTIONAL_STATE_FIELDS: dict[str, type] = dict(processes=int, config=dict)
+
+
+def _check_state(state: object, path: Path) -> dict[str, Any]:
+    """The state itself, if it has every field of a `cct train` state with the right type; else one line."""
+    if not isinstance(state, dict):
+        raise CCTError(f"cannot resume: {path} is not a training state (it holds a {type(state).__name__})")
+    wrong = [k for k, kind in _STATE_FIELDS.items() if not isinstance(state.get(k), kind)
+             or isinstance(state.get(k), bool)]
+    wrong += [k for k, kind in _OPTIONAL_STATE_FIELDS.items() if k in state and not isinstance(state[k], kind)]
+    if wrong:
+        raise CCTError(f"cannot resume: {path} is not a training state written by `cct train` (missing or wrong: "
+                       f"{', '.join(wrong)})")
+    if state["step"] < 0 or not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
+        raise CCTError(f"cannot resume: {path} is not a training state written by `cct train` (a negative step "
+                       "or weights that are not tensors)")
+    return state
+
+
 def load_state(path: Path) -> dict[str, Any]:
-    """Read a training state with `weights_only=True`: pickled code in it is refused, never run."""
+    """Read a training state with `weights_only=True`: pickled code in it is refused, never run; a file that
+    loads but does not have the fields of a `cct train` state is refused too."""
     if not path.is_file():
         raise CCTError(f"cannot resume: no training state at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CCTError(f"refusing to load {path}: it contains pickled Python objects, not only tensors "
                        f"({str(e).splitlines()[0][:200]})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CCTError(f"cannot resume: {path} is not a readable training state ({str(e)[:200]})") from None
+    return _check_state(state, path)
+
+
+@contextlib.contextmanager
+def restoring_state(path: Path) -> Iterator[None]:
+    """Around restoring a loaded training state: a field that does not fit (tensors of other shapes, unknown
+    keys, values of other types) becomes one line naming the state file instead of a traceback."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+        detail = (str(e).strip() or type(e).__name__).splitlines()[0][:200]
+        raise CCTError(f"cannot resume: {path} does not fit this run ({detail})") from None
 
 
 class RunLock:
@@ -138,3 +176,49 @@ class RunLock:
                 pass  # the disk went read-only or full: the next run will just see a stale lock
             os.close(self._fd)  # closing drops the flock
             self._fd = None
+
+
+#: The files a run writes into its directory; any of them there means the folder holds a run.
+RUN_FILES = ("config.yaml", "metrics.csv", "summary.json", "curves.png", "last.state.pt", "last.safetensors",
+             "best.safetensors")
+
+
+def previous_run_files(run_dir: Path) -> list[str]:
+    """The names of the files of an earlier run in `run_dir` (any weights file counts), sorted; none where the
+    folder does not exist."""
+    try:
+        names = [entry.name for entry in os.scandir(run_dir)] if run_dir.is_dir() else []
+    except OSError as e:
+        raise CCTError(f"cannot read {run_dir}: {e.strerror or e}") from None
+    return sorted(n for n in names if n in RUN_FILES or n.endswith(".safetensors"))
+
+
+def claim_fresh_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Make sure a new run never writes over another one: a `run_dir` holding an earlier run's files is refused,
+    unless `overwrite`, which deletes those files first. A folder in use by a live run is refused by its lock
+    either way.
+
+    Args:
+        run_dir: the `--out` folder of a new (not resumed) run.
+        overwrite: replace the earlier run (`cct train --overwrite`).
+
+    Raises:
+        UsageError: the folder holds a run and `overwrite` is false.
+        CCTError: the folder is in use, or cannot be read or cleared.
+    """
+    previous = previous_run_files(run_dir)
+    if not previous:
+        return
+    with RunLock(run_dir):
+        if not overwrite:
+            shown = ", ".join(previous[:4]) + (", ..." if len(previous) > 4 else "")
+            if "last.state.pt" in previous:
+                raise UsageError(f"{run_dir} already holds a run ({shown}): pass --resume to continue it, or a "
+                                 "fresh --out folder (--overwrite replaces it)")
+            raise UsageError(f"{run_dir} holds a run stopped before its first checkpoint ({shown}), so there is "
+                             "nothing to --resume: pass --overwrite to start it again, or a fresh --out folder")
+        for name in previous:
+            try:
+                (run_dir / name).unlink(missing_ok=True)
+            except OSError as e:
+                raise CCTError(f"cannot remove {run_dir / name} for --overwrite: {e.strerror or e}") from None
