@@ -22,6 +22,10 @@ from pathlib import Path
 from . import __version__
 from .errors import CCTError, UsageError
 
+# the choices of --device and --precision, here rather than imported so that `cct --help` does not load torch
+# (PRECISIONS: the values of the recipe key `precision`)
+DEVICES = ("cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 class _Parser(argparse.ArgumentParser):
     """argparse that raises UsageError instead of printing usage and exiting, so errors stay one line."""
@@ -128,11 +132,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def _device(name: str | None):
     """The torch device of a `--device` option (default: CUDA where there is a GPU); one line, not a driver
-    traceback, where `--device cuda` names a GPU this machine does not have."""
+    traceback, where `--device cuda` or `--device mps` names a device this machine (or this PyTorch) lacks."""
     import torch
 
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available on this machine (use --device cpu)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps: no Apple GPU (MPS) is available to this PyTorch (use --device cpu)")
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
@@ -549,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run saved in the run directory")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in a run directory that holds another run, deleting that run's files")
-    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--device", choices=DEVICES, help="default: cuda when available")
     p.add_argument("--nproc-per-node", type=_at_least(1, processes),
                    help="start this many processes with torchrun (DDP); default: the recipe's `processes`")
 
@@ -560,7 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  cct bench --set stochastic_depth=skip --set drop_path_rate=0.5")
     p.add_argument("--model", default="cct_2_3x2_32")
     p.add_argument("--batch-size", dest="batch_size", type=_at_least(1, batch), default=128)
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="autocast precision (default: the recipe's, auto: bf16 where computed natively, else fp32)")
     p.add_argument("--img-size", dest="img_size", type=_at_least(1, img_size))
     p.add_argument("--threads", type=_at_least(1, threads),
                    help="torch intra-op threads per process (default: the cores shared out over the processes)")
@@ -571,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recipe giving the augmentation, optimiser and process layout")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
     p.add_argument("--windows", type=_at_least(1), default=5, help="timed windows (the median is reported)")
-    p.add_argument("--device", choices=("cpu", "cuda"))
+    p.add_argument("--device", choices=DEVICES)
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
     p = add("recipes", cmd_recipes, "list the bundled recipes", "  cct recipes\n  cct recipes --json")
@@ -587,15 +594,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="folder holding the datasets (default: $CCT_DATA, then ./data)")
     p.add_argument("--download", action="store_true",
                    help="download the dataset into the data folder first if it is missing (CIFAR, Flowers-102)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="bf16",
-                   help="autocast precision (default bf16, as training evaluates)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="autocast precision (default auto, as training resolves it: bf16 where the device computes "
+                        "it natively, else fp32)")
     p.add_argument("--batch-size", type=_at_least(1, batch), default=500)
     p.add_argument("--workers", type=_at_least(0, threads), default=4, help="decoding workers for file datasets")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction,
                    help="test-time horizontal-flip averaging (default: as the run was evaluated, else off)")
     p.add_argument("--compile", action="store_true",
                    help="compile the model for inference first (seconds; pays off on large evaluation sets)")
-    p.add_argument("--device", choices=("cpu", "cuda"))
+    p.add_argument("--device", choices=DEVICES)
     p.add_argument("--out", help="folder for eval.json and confusion.png")
     p.add_argument("--json", action="store_true", help="print one JSON document")
 

@@ -2,9 +2,10 @@
 
 The model in `cct.models` is built from PyTorch and timm layers only; `accelerate(model)` replaces its
 tokenizer convolutions, max-pool + ReLU, attention and MLP modules in place by subclasses that run the kernels
-of `cpu_kernels.c` where they apply (a CPU with AVX-512 bf16, bf16 computation, one intra-op thread, channel
-counts in multiples of 16) and PyTorch's own kernels everywhere else, like `torch.compile` leaves a model's
-definition alone. Figures of what each kernel gains are in docs/kernels.md.
+of `cpu_kernels.c` where they apply (a CPU with AVX-512 bf16 or AMX as PyTorch sees it, see
+`cct.kernels.dispatch`; bf16 computation, one intra-op thread, channel counts in multiples of 16) and PyTorch's
+own kernels everywhere else, like `torch.compile` leaves a model's definition alone. Figures of what each kernel
+gains are in docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from torch import nn
 
 from .attention import Attention
 from .conv import Conv2d
+from .dispatch import cpu_kind, fast_paths
 from .mlp import Mlp
-from .native import library, usable
+from .native import available, usable
 from .pool import MaxPoolReLU
 from .tokenizer import TokenizerLayer
 
-__all__ = ["accelerate", "available", "usable", "Attention", "Conv2d", "MaxPoolReLU", "Mlp", "TokenizerLayer"]
+__all__ = ["accelerate", "available", "cpu_kind", "fast_paths", "usable", "Attention", "Conv2d", "MaxPoolReLU",
+           "Mlp", "TokenizerLayer"]
 
 # Plain module class -> the subclass with the same parameters that runs the kernels. Only exact classes are
 # swapped: a user's own subclass of one of them may compute something else.
@@ -30,12 +33,6 @@ _ACCELERATED: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv2d: Conv2d, TimmAttention: Attention, TimmMlp: Mlp,
 }
 _TOKENIZER_LAYER_PARTS = ("conv", "pool", "act")
-
-
-def available() -> bool:
-    """Whether the C kernels are built and loadable on this machine (they run only in processes of one intra-op
-    thread, see `usable`)."""
-    return library() is not None
 
 
 def _fuse_pool_and_relu(sequence: nn.Sequential) -> None:

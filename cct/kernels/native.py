@@ -1,9 +1,11 @@
 """Building, loading and calling the C kernels (`cpu_kernels.c`), and the test of when they apply.
 
-The library is compiled on first use with the system's C compiler (which inductor needs too) for this CPU
-(`-march=native`) and cached in `$CCT_CACHE` (default `~/.cache/cct`). Where that cannot be done (no compiler, no
-AVX-512 bf16, not x86-64 Linux) or an input does not suit them (fp32, channels not a multiple of 16, several
-intra-op threads, tracing for export), the modules of this package run PyTorch's own kernels.
+The kernels run where `cct.kernels.dispatch` turns them on for this kind of CPU as PyTorch sees it (AVX-512 bf16
+or AMX). The library is then compiled on first use with the system's C compiler (which inductor needs too) for
+this CPU (`-march=native`) and cached in `$CCT_CACHE` (default `~/.cache/cct`). Where the kind of CPU turns them
+off, that cannot be done (no compiler, no AVX-512 bf16, not x86-64 Linux) or an input does not suit them (fp32,
+channels not a multiple of 16, several intra-op threads, tracing for export), the modules of this package run
+PyTorch's own kernels.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from .dispatch import fast_paths
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 # each C function: its pointer arguments, then its integers (n0, n1, n, then the sizes: h, w, c of the image
@@ -68,10 +72,16 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def available() -> bool:
+    """Whether the C kernels are on for this kind of CPU (`cct.kernels.dispatch.fast_paths`) and built and
+    loadable here; where they are off nothing is compiled."""
+    return fast_paths().c_kernels and library() is not None
+
+
 @torch.compiler.assume_constant_result  # so that torch.compile does not trace the build
 def usable() -> bool:
-    """Whether the kernels run here now: built, and one intra-op thread (see `fast_path`)."""
-    return torch.get_num_threads() == 1 and library() is not None
+    """Whether the kernels run here now: available, and one intra-op thread (see `fast_path`)."""
+    return torch.get_num_threads() == 1 and available()
 
 
 def run(kernel: str, tensors: tuple[torch.Tensor | None, ...], n: int, *sizes: int) -> None:

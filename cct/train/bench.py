@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..data.augment import normalize
+from ..kernels import cpu_kind
 from ..kernels import usable as cpu_kernels_usable
 from ..models.complexity import count_macs
 from ..models.registry import VARIANTS
@@ -55,6 +56,12 @@ def _median_rate(run: Callable[[], None], items_per_call: int, windows: int, cal
     return items_per_call * dist.world_size() / statistics.median(seconds)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for an asynchronous device (CUDA, MPS) to finish its queued work; nothing on a CPU."""
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+
+
 def matmul_peak_gflops(precision: str, device: torch.device, size: int = 2048, windows: int = 5) -> float:
     """Measured dense matmul throughput (GFLOP/s) of a size x size product in the given precision (under
     torchrun: every rank multiplies at once, and the figure is their sum, the peak of that process layout)."""
@@ -64,19 +71,26 @@ def matmul_peak_gflops(precision: str, device: torch.device, size: int = 2048, w
 
     def run() -> None:
         torch.mm(a, b)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
 
     return 2 * size**3 * _median_rate(run, 1, windows, 3, 2) / 1e9
 
 
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({cpu_name()})" if device.type == "cpu" else device.type
+
+
 def run_bench(cfg: Config, device: torch.device, windows: int = 5, steps_per_window: int = 5,
               num_classes: int = 10) -> dict[str, Any]:
-    """Benchmark `cfg.model` at `cfg.batch_size` images per process / `cfg.precision`; returns the figures as a
-    dict (images/s and GFLOP/s of all processes together under torchrun)."""
+    """Benchmark `cfg.model` at `cfg.batch_size` images per process / `cfg.precision` (`auto` resolved as training
+    resolves it); returns the figures as a dict (images/s and GFLOP/s of all processes together under
+    torchrun), with the precision that ran and why."""
     img_size = cfg.img_size or VARIANTS[cfg.model]["img_size"]  # the model's own input size
     mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
     engine = Engine(cfg, num_classes, img_size, mean, std, True, device)
+    cfg = engine.cfg
     generator = torch.Generator(device).manual_seed(0)
     source = torch.randint(0, 256, (cfg.batch_size, 3, img_size, img_size), dtype=torch.uint8, device=device,
                            generator=generator)
@@ -98,19 +112,19 @@ def run_bench(cfg: Config, device: torch.device, windows: int = 5, steps_per_win
     def infer() -> None:
         with autocast(device, cfg.precision):
             model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
 
     infer_rate = _median_rate(infer, cfg.batch_size, windows, steps_per_window, warmup=2)
     peak = matmul_peak_gflops(cfg.precision, device)
     # forward + backward ~ 3x the forward FLOPs (backward computes gradients of inputs and of weights)
     gflops_train = 3 * 2 * count_macs(engine.model, img_size) / 1e9
     return dict(model=cfg.model, batch_size=cfg.batch_size * dist.world_size(), precision=cfg.precision,
+                precision_reason=engine.precision_reason, cpu_kind=cpu_kind() if device.type == "cpu" else None,
                 processes=dist.world_size(), batch_per_process=cfg.batch_size, img_size=img_size,
                 stochastic_depth=cfg.stochastic_depth, drop_path_rate=cfg.drop_path_rate,
                 auto_augment=cfg.auto_augment, compile=cfg.compile,
                 cpu_kernels=device.type == "cpu" and cfg.precision == "bf16" and cpu_kernels_usable(),
-                device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_name()})",
+                device=_device_name(device),
                 threads=torch.get_num_threads(), torch=torch.__version__,
                 train_img_per_s=round(train_rate, 1), infer_img_per_s=round(infer_rate, 1),
                 gflops_per_img_train=round(gflops_train, 4), achieved_gflops=round(train_rate * gflops_train, 1),

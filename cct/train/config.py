@@ -26,7 +26,7 @@ from ..models.factory import check_model_name
 CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("adamw", "sgd"),
     "scheduler": ("cosine", "linear", "constant"),
-    "precision": ("fp32", "bf16", "fp16"),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
     "stochastic_depth": ("droppath", "skip"),
     "crop": ("pad", "resized", "none"),
     "on_nan": ("stop", "skip"),
@@ -46,7 +46,8 @@ class Config:
         dataset: `cifar10`, `cifar100`, `flowers102`, `imagenet` or `folder:PATH`.
         epochs: training epochs; `batch_size` is per process, `lr` for the global batch.
         seed: the seed of the weights, the data order and every augmentation draw.
-        precision: `bf16`, `fp16` (CUDA only) or `fp32`: the autocast of training and evaluation.
+        precision: the autocast of training and evaluation: `auto` (bf16 where the device computes it natively,
+            else fp32: `cct.train.precision.resolve_precision`), `bf16`, `fp16` (CUDA only) or `fp32`.
         The other fields (schedule, optimiser, regularisation, augmentation, evaluation, checkpoints) are
         commented where they are declared below.
     """
@@ -97,7 +98,7 @@ class Config:
     # engine
     ema: bool = False
     ema_decay: float = 0.9998
-    precision: str = "bf16"
+    precision: str = "auto"
     compile: bool = False
     channels_last: bool = True
     threads: int | None = None  # torch intra-op threads; None: torch's default

@@ -15,6 +15,7 @@ from ..data.loader import BatchSource
 from ..errors import CCTError, UsageError
 from .config import Config
 from .loop import compile_for_inference, configure_for_device, evaluate
+from .precision import resolve_precision
 from .report import plot_confusion
 from .runs import load_trained, run_records
 
@@ -39,7 +40,7 @@ def _write_report(report: dict[str, Any], confusion: torch.Tensor, classes: list
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = None, *,
                         model_name: str | None = None, data_root: Path | None = None, download: bool = False,
-                        precision: str = "bf16", batch_size: int = 500, workers: int = 4,
+                        precision: str = "auto", batch_size: int = 500, workers: int = 4,
                         flip: bool | None = None, compile: bool = False, device: torch.device | None = None,
                         out: Path | None = None) -> dict[str, Any]:
     """Evaluate a trained model on a dataset's held-out split: top-1, top-5, loss and per-class accuracy.
@@ -51,7 +52,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
         model_name: the architecture, for files that do not record it.
         data_root: the folder holding the datasets (default: `$CCT_DATA`, then `./data`).
         download: download a missing dataset first (CIFAR, Flowers-102).
-        precision: autocast precision, "bf16", "fp16" or "fp32".
+        precision: autocast precision: "auto" (bf16 where the device computes it natively, else fp32, as training
+            resolves it), "bf16", "fp16" or "fp32".
         batch_size: images per evaluation batch.
         workers: decoding workers for file datasets.
         flip: test-time horizontal-flip averaging (default: as the run was evaluated, else off).
@@ -60,8 +62,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
         out: a folder to write `eval.json` and `confusion.png` into (created before the evaluation).
 
     Returns:
-        The report: `model`, `checkpoint`, `dataset`, `split`, `top1`, `top5`, `loss`, `images` and
-        `per_class_top1` (class name to accuracy in %).
+        The report: `model`, `checkpoint`, `dataset`, `split`, `top1`, `top5`, `loss`, `images`, `precision`
+        and `precision_reason` (what ran and why), and `per_class_top1` (class name to accuracy in %).
     """
     if out is not None:
         _make_folder(Path(out))
@@ -84,6 +86,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
     model.to(device)
     if flip is None:
         flip = bool(recipe.get("test_time_flip", summary.get("test_time_flip", False)))
+    precision, precision_reason = resolve_precision(precision, device)
     cfg = Config(precision=precision, eval_batch_size=batch_size, test_time_flip=flip)
     configure_for_device(model, device, cfg.precision)
     runner = compile_for_inference(model) if compile else model
@@ -91,6 +94,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
                       model.num_classes)
     report = dict(model=meta["model"], checkpoint=str(checkpoint), dataset=dataset, split=split,
                   top1=result["top1"], top5=result["top5"], loss=result["loss"], images=result["images"],
+                  precision=precision, precision_reason=precision_reason,
                   per_class_top1=dict(zip(data.classes, result["per_class_top1"], strict=True)))
     if out is not None:
         _write_report(report, result["confusion"], data.classes, Path(out))

@@ -8,6 +8,7 @@ saved step replays exactly the batches, augmentations, dropout masks and skipped
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import math
 import platform
@@ -29,12 +30,13 @@ from ..data.augment import BatchAugment, normalize
 from ..data.datasets import build_dataset, dataset_info, eval_transform, train_transform
 from ..data.loader import BatchSource, epoch_seed, eval_batch_indices, steps_per_epoch, train_batch_indices
 from ..errors import CCTError
-from ..kernels import accelerate
+from ..kernels import accelerate, fast_paths
 from ..models import create_model
 from ..models.checkpoint import model_metadata
 from ..models.complexity import count_params
 from . import distributed as dist
 from .config import Config, check_crop_fits, config_to_dict
+from .precision import resolve_precision
 from .report import MetricsLog, Progress
 from .state import RunLock, atomic_write_text, load_state, restoring_state, save_state, save_weights
 
@@ -67,7 +69,9 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 
 def autocast(device: torch.device, precision: str):
-    """The autocast context of a precision: bf16 on CPU and CUDA, fp16 on CUDA only, fp32 none."""
+    """The autocast context of a precision (`auto` resolved for the device first): bf16 on CPU, CUDA and MPS,
+    fp16 on CUDA only, fp32 none."""
+    precision = resolve_precision(precision, device)[0]
     if precision == "fp32":
         return nullcontext()
     if precision == "fp16" and device.type != "cuda":
@@ -75,13 +79,20 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+def has_float64(device: torch.device) -> bool:
+    """Whether a device computes in float64 (Apple's MPS does not): the batched augmentation's geometry and the
+    evaluation's sums use it where it is there."""
+    return device.type != "mps"
+
+
 def configure_attention(model: torch.nn.Module, device: torch.device, precision: str) -> None:
-    """Pick the attention implementation for a device and precision. On a CPU in bf16 the explicit product
-    (q @ k^T, softmax, @ v: timm's `fused_attn=False` path) is much faster than every fused SDPA kernel at CCT's
-    sizes, in training and inference; elsewhere SDPA with PyTorch's own kernel choice is kept (figures:
-    `benchmarks/attention.py`, results in benchmarks/results/attention/). In a process of one thread the explicit
-    path runs the C operator of `cct.kernels.Attention` where it applies (head widths in multiples of 16)."""
-    explicit = device.type == "cpu" and precision == "bf16"
+    """Pick the attention implementation for a device and precision. On a CPU computing bf16 natively the explicit
+    product (q @ k^T, softmax, @ v: timm's `fused_attn=False` path) is much faster than every fused SDPA kernel at
+    CCT's sizes, in training and inference; elsewhere (other CPU kinds: `cct.kernels.fast_paths`) SDPA with
+    PyTorch's own kernel choice is kept (figures: `benchmarks/attention.py`, results in
+    benchmarks/results/attention/). In a process of one thread the explicit path runs the C operator of
+    `cct.kernels.Attention` where it applies (head widths in multiples of 16)."""
+    explicit = device.type == "cpu" and precision == "bf16" and fast_paths().explicit_attention
     for module in model.modules():
         if isinstance(module, Attention):
             module.fused_attn = not explicit
@@ -164,8 +175,9 @@ def evaluate(model: torch.nn.Module, source: BatchSource, mean, std, cfg: Config
     """
     was_training = model.training
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top1, top5
-    per_class = torch.zeros(2, num_classes, dtype=torch.float64, device=device)  # correct, count
+    total = torch.float64 if has_float64(device) else torch.float32
+    sums = torch.zeros(3, dtype=total, device=device)  # loss sum, top1, top5
+    per_class = torch.zeros(2, num_classes, dtype=total, device=device)  # correct, count
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     count = min(len(source), cfg.eval_samples or len(source))
     indices = eval_batch_indices(count, cfg.eval_batch_size, dist.rank(), dist.world_size())
@@ -177,11 +189,11 @@ def evaluate(model: torch.nn.Module, source: BatchSource, mean, std, cfg: Config
                 logits = 0.5 * (logits + model(x.flip(3)).float())
         top5 = logits.topk(min(5, num_classes), dim=1).indices
         correct1 = top5[:, 0] == labels
-        sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
+        sums[0] += F.cross_entropy(logits, labels, reduction="sum").to(total)
         sums[1] += correct1.sum()
         sums[2] += (top5 == labels[:, None]).any(dim=1).sum()
-        per_class[0].index_add_(0, labels, correct1.double())
-        per_class[1].index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+        per_class[0].index_add_(0, labels, correct1.to(total))
+        per_class[1].index_add_(0, labels, torch.ones_like(labels, dtype=total))
         confusion.view(-1).index_add_(0, labels * num_classes + top5[:, 0], torch.ones_like(labels))
     for t in (sums, per_class, confusion):
         dist.all_reduce_sum(t)
@@ -229,11 +241,14 @@ class Engine:
 
     Shared by the training loop and `cct bench`, so the benchmark times exactly what training runs:
     augment the uint8 batch on its device, forward under autocast, loss, backward, clip, step, EMA.
+    `cfg` is the recipe with its precision resolved for `device` (never `auto`), `precision_reason` says why.
     """
 
     def __init__(self, cfg: Config, num_classes: int, img_size: int, mean, std, in_memory: bool,
                  device: torch.device):
-        self.cfg, self.device = cfg, device
+        precision, self.precision_reason = resolve_precision(cfg.precision, device)
+        self.cfg = cfg = dataclasses.replace(cfg, precision=precision)
+        self.device = device
         self.model = create_model(cfg.model, num_classes=num_classes, img_size=img_size,
                                   drop_path_rate=cfg.drop_path_rate, stochastic_depth=cfg.stochastic_depth,
                                   drop_rate=cfg.drop_rate, attn_drop_rate=cfg.attn_drop_rate)
@@ -264,7 +279,8 @@ class Engine:
             cutmix=cfg.cutmix if mixing else 0.0, mix_prob=cfg.mix_prob, switch_prob=cfg.switch_prob,
             label_smoothing=cfg.label_smoothing, erasing=cfg.erasing, channels_last=cfg.channels_last)
             for mixing in (True, False)}
-        self.generator = torch.Generator(device)
+        self.augment_device = device if has_float64(device) else torch.device("cpu")
+        self.generator = torch.Generator(self.augment_device)
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -282,7 +298,9 @@ class Engine:
         self.generator.manual_seed(step_seed(cfg.seed, step, dist.rank()))
         torch.manual_seed(step_seed(cfg.seed, step, dist.rank()) + 1)  # dropout masks
         self.model.seed_stochastic_depth(step_seed(cfg.seed, step))  # the same on every rank
-        x, targets = self.augments[mixing](images, labels, self.generator)
+        x, targets = self.augments[mixing](images.to(self.augment_device), labels.to(self.augment_device),
+                                           self.generator)
+        x, targets = x.to(self.device), targets.to(self.device)
         if size is not None and size != x.shape[-1]:
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
             x = x.contiguous(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
@@ -377,7 +395,7 @@ def train(cfg: Config, run_dir: Path, data_root: Path | None = None, resume: boo
         run_dir: the run directory: `config.yaml`, `metrics.csv`, weights, training state, `summary.json`.
         data_root: the folder holding the datasets (default: `$CCT_DATA`, then `./data`).
         resume: continue from the training state saved in `run_dir` (exactly as if never stopped).
-        device: "cpu" or "cuda" (default: CUDA where there is a GPU).
+        device: "cpu", "cuda" or "mps" (default: CUDA where there is a GPU).
 
     Returns:
         The run's summary, as written to `summary.json` (final and best top-1, timings, device, ...).
@@ -472,6 +490,7 @@ def _start(cfg: Config, run_dir: Path, data_root: Path | None, resume: bool, dev
                        f"x {dist.world_size()} process(es): lower batch_size")
     torch.manual_seed(cfg.seed)  # the initial weights
     engine = Engine(cfg, len(train_ds.classes), img_size, info.mean, info.std, info.in_memory, dev)
+    cfg = engine.cfg  # the precision that runs (config.yaml and summary.json record it)
     run = _Run(cfg=cfg, run_dir=run_dir, device=dev, rank0=dist.rank() == 0, engine=engine,
                train_source=train_source, eval_source=eval_source, mean=info.mean, std=info.std,
                num_classes=len(train_ds.classes), num_train=num_train, steps_per_epoch=spe, wall_start=wall_start)
@@ -483,6 +502,7 @@ def _start(cfg: Config, run_dir: Path, data_root: Path | None, resume: bool, dev
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         run.progress = Progress(run.total_steps, run.step, cfg.batch_size * dist.world_size())
+        run.progress.write(f"{cfg.model} on {dev}: precision {cfg.precision} ({engine.precision_reason})")
     return run
 
 
@@ -606,11 +626,12 @@ def _summary(run: _Run, final: dict[str, float]) -> dict[str, Any]:
     return dict(
         model=cfg.model, params=count_params(run.engine.model), dataset=cfg.dataset, epochs=cfg.epochs,
         steps=run.step, batch_size=cfg.batch_size, processes=dist.world_size(), precision=cfg.precision,
+        precision_reason=run.engine.precision_reason,
         best_top1=max(run.best_top1, final["top1"]), final_top1=final["top1"], final_top5=final["top5"],
         final_loss=final["loss"], train_seconds=round(run.train_seconds, 2),
         wall_seconds=round(time.perf_counter() - run.wall_start, 2),
         img_per_s=round(run.num_train * (run.step / max(spe, 1)) / max(run.train_seconds, 1e-9), 1),
-        device=str(dev) if dev.type == "cuda" else f"cpu ({cpu_name()})", threads=torch.get_num_threads(),
+        device=f"cpu ({cpu_name()})" if dev.type == "cpu" else str(dev), threads=torch.get_num_threads(),
         torch=torch.__version__, git_commit=_git_commit(), skipped_images=sum(r.get("skipped", 0) for r in run.history),
         seed=cfg.seed, nan_steps_skipped=sum(r.get("nan_steps", 0) for r in run.history))
 

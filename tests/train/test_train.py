@@ -79,13 +79,13 @@ def test_kill_9_mid_epoch_then_resume_equals_uninterrupted(data_root, tmp_path):
 
 
 def test_eval_matches_training_and_writes_confusion(trained_run, data_root, tmp_path, capsys):
-    assert main(["eval", str(trained_run), "--data-dir", str(data_root), "--precision", "bf16", "--json",
-                 "--out", str(tmp_path)]) == 0
+    assert main(["eval", str(trained_run), "--data-dir", str(data_root), "--json", "--out", str(tmp_path)]) == 0
     report = json.loads(capsys.readouterr().out)
     summary = json.loads((trained_run / "summary.json").read_text())
     assert report["images"] == 10_000
     assert report["top1"] == pytest.approx(summary["best_top1"], abs=1e-6)
     assert len(report["per_class_top1"]) == 10 and "airplane" in report["per_class_top1"]
+    assert (report["precision"], report["precision_reason"]) == (summary["precision"], summary["precision_reason"])
     assert (tmp_path / "confusion.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -192,7 +192,7 @@ def test_every_bundled_recipe_builds_model_and_data(recipe, data_root, tmp_path,
     ("epochs=three", "'epochs' expects int"),
     ("epochs=-1", "epochs must be >= 0"),
     ("batch_size=0", "batch_size must be >= 1"),
-    ("precision=fp8", "must be one of fp32, bf16, fp16"),
+    ("precision=fp8", "must be one of auto, fp32, bf16, fp16"),
     ("lr", "--set expects KEY=VALUE"),
 ])
 def test_bad_overrides_are_usage_errors(override, message):
