@@ -51,6 +51,7 @@ __all__ = [
     "dataset_info",
     "decode_image_file",
     "ensure_dataset",
+    "open_image_file",
     "eval_transform",
     "resolve_data_root",
     "train_transform",
@@ -370,6 +371,47 @@ def _pil_to_tensor(img: Any) -> Tensor:
     return torch.from_numpy(arr.transpose(2, 0, 1).copy())  # a writable copy, even of a 1-pixel image
 
 
+def _read_image_bytes(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of one image file, or `BadImage` saying why they cannot be had."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise BadImage(f"cannot read file ({_one_line(exc.strerror or exc)})") from exc
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    return data
+
+
+def _checked_header(data: bytes) -> Any:
+    """`data` opened by Pillow, which reads only the header: its size checked against `MAX_IMAGE_PIXELS`, not
+    decoded yet; `BadImage` for a file that is no image or too large."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            header = Image.open(io.BytesIO(data))
+        width, height = header.size
+    except Image.DecompressionBombError as exc:
+        raise BadImage(f"too many pixels ({_one_line(exc)})") from exc
+    except UnidentifiedImageError as exc:
+        raise BadImage("not a recognised image format") from exc
+    except Exception as exc:
+        raise BadImage(f"unreadable image header ({_one_line(exc)})") from exc
+    if width * height > MAX_IMAGE_PIXELS:
+        raise BadImage(f"too many pixels ({width}x{height} = {width * height} > limit {MAX_IMAGE_PIXELS})")
+    if width <= 0 or height <= 0:
+        raise BadImage(f"empty image ({width}x{height})")
+    return header
+
+
+def open_image_file(path: str | os.PathLike[str]) -> Any:
+    """One image file opened by Pillow with its header checked (as `decode_image_file` does) but its pixels not
+    decoded yet, for a caller that decodes only what it needs (`Image.draft`); raises `BadImage` saying why not."""
+    return _checked_header(_read_image_bytes(path))
+
+
 def decode_image_file(path: str | os.PathLike[str]) -> Tensor:
     """Decode one image file to a uint8 `3 x H x W` RGB tensor, or raise `BadImage` saying why.
 
@@ -381,31 +423,10 @@ def decode_image_file(path: str | os.PathLike[str]) -> Tensor:
     (value >> 8), not clipped.
     EXIF orientation is not applied, matching the usual Pillow-based ImageNet pipelines.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise BadImage(f"cannot read file ({_one_line(exc.strerror or exc)})") from exc
-    if not data:
-        raise BadImage("empty file (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            header = Image.open(io.BytesIO(data))
-        width, height = header.size
-        fmt = header.format or ""
-    except Image.DecompressionBombError as exc:
-        raise BadImage(f"too many pixels ({_one_line(exc)})") from exc
-    except UnidentifiedImageError as exc:
-        raise BadImage("not a recognised image format") from exc
-    except Exception as exc:
-        raise BadImage(f"unreadable image header ({_one_line(exc)})") from exc
-    if width * height > MAX_IMAGE_PIXELS:
-        raise BadImage(f"too many pixels ({width}x{height} = {width * height} > limit {MAX_IMAGE_PIXELS})")
-    if width <= 0 or height <= 0:
-        raise BadImage(f"empty image ({width}x{height})")
+    data = _read_image_bytes(path)
+    fmt = _checked_header(data).format or ""
 
     tv_error: Exception | None = None
     if fmt in _TORCHVISION_FORMATS:
@@ -615,8 +636,9 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
         path = self.path(index)
+        load_file = getattr(self.transform, "load_file", None)  # a transform that decodes just its crop (cct.data.jpeg)
         try:
-            image = decode_image_file(path)
+            image = load_file(path) if load_file else decode_image_file(path)
         except BadImage as exc:
             if self.strict_images:
                 raise CCTError(f"bad image {path}: {exc} "
@@ -626,7 +648,7 @@ class ImageFiles(Dataset):
                 self._warned.add(index)
                 log.warning("skipping bad image %s: %s", path, exc)
             return None
-        if self.transform is not None:
+        if self.transform is not None and not load_file:
             image = self.transform(image)
         return image, int(self.labels[index])
 

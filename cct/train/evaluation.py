@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from ..data.datasets import build_dataset, dataset_info, eval_transform
+from ..data.datasets import build_dataset, dataset_info
+from ..data.jpeg import eval_file_transform
 from ..data.loader import BatchSource
 from ..errors import CCTError, UsageError
 from .config import Config
@@ -79,7 +80,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
     if len(data.classes) != model.num_classes:
         raise CCTError(f"{dataset} has {len(data.classes)} classes but the model predicts {model.num_classes}")
     if not dataset_info(dataset).in_memory:
-        data.transform = eval_transform(model.img_size[0])
+        data.transform = eval_file_transform(model.img_size[0])
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     if flip is None:

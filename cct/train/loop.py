@@ -26,7 +26,8 @@ from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 
 from ..data.augment import BatchAugment, normalize
-from ..data.datasets import build_dataset, dataset_info, eval_transform, train_transform
+from ..data.datasets import build_dataset, dataset_info
+from ..data.jpeg import eval_file_transform, train_file_transform
 from ..data.loader import BatchSource, epoch_seed, eval_batch_indices, steps_per_epoch, train_batch_indices
 from ..errors import CCTError
 from ..kernels import accelerate
@@ -359,8 +360,8 @@ def _load_data(cfg: Config, data_root: Path | None, img_size: int):
                        f"training): add images (or, for a tree without a val folder, raise val_fraction, now "
                        f"{cfg.val_fraction})")
     if not info.in_memory:
-        train_ds.transform = train_transform(img_size, scale=tuple(cfg.scale))
-        eval_ds.transform = eval_transform(img_size)
+        train_ds.transform = train_file_transform(img_size, scale=tuple(cfg.scale))
+        eval_ds.transform = eval_file_transform(img_size)
     return info, train_ds, eval_ds
 
 
