@@ -78,16 +78,22 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+def is_pytorch_file(path: str | os.PathLike) -> bool:
+    """Whether a file is a PyTorch zip or pickle rather than safetensors (8 bytes of header length, then the JSON
+    header): the first byte alone does not tell, a safetensors header of 128 bytes (mod 256) starts with the
+    pickle opcode 0x80 and one of 80 with the zip's "P"."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return (head[:2] == b"PK" or head[:1] == b"\x80") and head[8:] != b"{"
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a state dict from a safetensors file or a PyTorch `.pth` (tensors only, never arbitrary pickles)."""
     path = Path(path)
     if not path.is_file():
         raise CCTError(f"checkpoint not found: {path}")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    is_zip_or_pickle = head[:2] == b"PK" or head[:1] == b"\x80"
     try:
-        if not is_zip_or_pickle:
+        if not is_pytorch_file(path):
             return _unwrap(load_file(path), path)
         with open(path, "rb") as f:  # a file object: torch.load would treat a *.safetensors name by its suffix
             return _unwrap(torch.load(f, map_location="cpu", weights_only=True), path)

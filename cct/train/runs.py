@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import CCTError
 from ..models import create_model
-from ..models.checkpoint import read_metadata
+from ..models.checkpoint import is_pytorch_file, read_metadata
 from ..models.export import export_model
 from ..models.hub import is_hub_folder, load_hub_folder
 
@@ -53,9 +53,7 @@ def load_trained(path: str | os.PathLike, model_name: str | None = None) -> tupl
     if is_hub_folder(path):
         return load_hub_folder(path)
     path = resolve_weights_path(path)
-    with open(path, "rb") as f:
-        is_safetensors = f.read(1) not in (b"P", b"\x80")  # zip or pickle magic: a PyTorch file
-    meta = read_metadata(path) if is_safetensors else {}
+    meta = {} if is_pytorch_file(path) else read_metadata(path)
     name = model_name or meta.get("model")
     if name is None:
         raise CCTError(f"{path} does not say which model it holds: pass --model NAME")
