@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from ..data.datasets import dataset_info
+from ..data.prepared import dataset_info
 from ..errors import UsageError
 from ..models.factory import check_model_name
 

@@ -26,9 +26,9 @@ from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 
 from ..data.augment import BatchAugment, normalize
-from ..data.datasets import build_dataset, dataset_info
 from ..data.jpeg import eval_file_transform, train_file_transform
 from ..data.loader import BatchSource, epoch_seed, eval_batch_indices, steps_per_epoch, train_batch_indices
+from ..data.prepared import build_dataset, dataset_info
 from ..errors import CCTError
 from ..kernels import accelerate
 from ..models import create_model
@@ -354,7 +354,7 @@ def _load_data(cfg: Config, data_root: Path | None, img_size: int):
     kwargs = dict(root=data_root, flowers_split=cfg.flowers_split, val_fraction=cfg.val_fraction, seed=cfg.seed,
                   strict_images=cfg.strict_images)
     train_ds = build_dataset(cfg.dataset, "train", **kwargs)
-    eval_ds = build_dataset(cfg.dataset, info.eval_split, **kwargs)
+    eval_ds = build_dataset(cfg.dataset, info.eval_split, img_size=img_size, **kwargs)
     if len(eval_ds) == 0:
         raise CCTError(f"the {info.eval_split} split of {cfg.dataset} holds no images ({len(train_ds)} for "
                        f"training): add images (or, for a tree without a val folder, raise val_fraction, now "
