@@ -285,10 +285,11 @@ class Engine:
             group["lr"] = lr
         self.generator.manual_seed(step_seed(cfg.seed, step, dist.rank()))
         torch.manual_seed(step_seed(cfg.seed, step, dist.rank()) + 1)  # dropout masks
-        self.model.seed_stochastic_depth(step_seed(cfg.seed, step))  # the same on every rank
         parts = list(zip(images.chunk(cfg.accumulate_steps), labels.chunk(cfg.accumulate_steps), strict=True))
         loss_sum, all_logits, all_targets = 0.0, [], []
         for i, (part_images, part_labels) in enumerate(parts):
+            # the same on every rank, and for every micro-batch: the step skips the branches one pass would
+            self.model.seed_stochastic_depth(step_seed(cfg.seed, step))
             with nullcontext() if i == len(parts) - 1 else dist.no_sync(self.forward):
                 loss_value, logits, targets = self._forward_backward(part_images, part_labels, mixing, size,
                                                                      len(part_labels) / len(labels))
