@@ -6,11 +6,11 @@ Two kinds of dataset come out of `build_dataset`:
   `N x 3 x H x W`. Loading is a numpy reshape of the pickled batches (well under a second for CIFAR-10
   train), so the trainer can move the whole split to the GPU and augment it there in batches.
 * `ImageFiles` (flowers102, imagenet, `folder:PATH`): a list of image files decoded on demand in
-  DataLoader workers. Its `transform` (see `train_transform` and `eval_transform`) turns one
-  decoded uint8 image into a fixed-size uint8 `3 x S x S` crop; flips, normalisation and other
-  augmentations happen later, batched. A bad file (corrupt, truncated, empty, not an image, too many
-  pixels) yields `None` and one logged warning instead of killing the epoch; `collate_skip_bad`
-  drops those items and counts them.
+  DataLoader workers. Its `transform` (see `train_transform` and `eval_transform`, or
+  `cct.data.jpeg`'s, which decode only the crop) turns one image into a fixed-size uint8 `3 x S x S`
+  crop; flips, normalisation and other augmentations happen later, batched. A bad file (corrupt,
+  truncated, empty, not an image, too many pixels) yields `None` and one logged warning instead of
+  killing the epoch; `collate_skip_bad` drops those items and counts them.
 
 Where data lives: `--data-dir`, else the environment variable `CCT_DATA`, else `./data`
 (`resolve_data_root`). Missing files raise `CCTError` with a one-line message
@@ -588,8 +588,9 @@ class ImageFiles(Dataset):
 
     Attributes: `samples` (list of (path, label), built on demand), `labels` (int64 tensor),
     `classes` (human-readable names, index = label), `class_ids` (the folder names / WordNet ids),
-    `transform` (set by the loader to `train_transform` or `eval_transform`; with None, items
-    are full-size decoded images), `strict_images`, and `skipped`.
+    `transform` (`train_transform` / `eval_transform` on the decoded image, or one with a `load_file(path)`
+    method that decodes the file straight to its crop, as training sets from `cct.data.jpeg`; with None,
+    items are full-size decoded images), `strict_images`, and `skipped`.
 
     `__getitem__` returns `(uint8 3 x S x S tensor, label)`, or `None` for a bad file after logging one
     warning line naming it on the "cct.data" logger (once per file per process), unless `strict_images`
