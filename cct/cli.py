@@ -453,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_at_least(1), required=True,
                    help="side of the stored squares (shorter side resized to it, central square kept)")
     p.add_argument("-o", "--output", required=True, help="the store's folder (train/ and val/ inside)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store (never another folder)")
     p.add_argument("--data-dir", help="folder holding the datasets (default: $CCT_DATA, then ./data)")
     p.add_argument("--workers", type=_at_least(0), default=4, help="decoding processes")
     p.add_argument("--val-fraction", type=float, default=0.1,

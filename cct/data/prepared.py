@@ -19,7 +19,8 @@ chunks) would add a dependency for streaming from object stores and compression,
 pixels does not need.
 
 Writing is atomic: the store is written into a temporary folder beside `OUT` and renamed to `OUT` at the end,
-so an interrupted `cct prepare` leaves no half store behind; an existing `OUT` is replaced only when asked.
+so an interrupted `cct prepare` leaves no half store behind; an existing `OUT` is replaced only when asked
+and only if it is a store (or an empty folder): `--overwrite` never deletes anything else.
 """
 
 from __future__ import annotations
@@ -194,6 +195,8 @@ def prepare_dataset(name: str, size: int, out: str | os.PathLike[str], *, root=N
     target = Path(out)
     if target.exists() and not overwrite:
         raise UsageError(f"{target} already exists: pass --overwrite to replace it, or -o another folder")
+    if target.exists() and not _replaceable(target):
+        raise UsageError(f"{target} is not a prepared store: refusing to replace it, choose another -o folder")
     info = datasets.dataset_info(name)
     if info.in_memory:
         raise UsageError(f"{name} is already held in memory as pixels: train on it directly, there is nothing to "
@@ -211,6 +214,22 @@ def prepare_dataset(name: str, size: int, out: str | os.PathLike[str], *, root=N
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return metas
+
+
+def _replaceable(target: Path) -> bool:
+    """Whether `--overwrite` may delete `target`: an empty folder or a store (never any other folder or file)."""
+    if not target.is_dir() or target.is_symlink():
+        return False
+    names = {entry.name for entry in target.iterdir()}
+    return names <= set(_SPLITS) and all(_is_split_folder(target / name) for name in names)
+
+
+def _is_split_folder(folder: Path) -> bool:
+    try:
+        _read_meta(folder)
+    except CCTError:
+        return False
+    return set(os.listdir(folder)) <= {"images.u8", "labels.npy", "meta.json"}
 
 
 def _replace(staging: Path, target: Path) -> None:

@@ -79,6 +79,12 @@ def test_an_existing_store_is_kept_unless_overwrite(tmp_path):
     prepare_dataset(f"folder:{tree}", 20, tmp_path / "store", workers=0, overwrite=True)
     assert json.loads((tmp_path / "store" / "val" / "meta.json").read_text())["size"] == 20
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store", "tree"]  # no staging folder left behind
+    (tmp_path / "store" / "val" / "notes.txt").write_text("mine")  # no longer only a store: never deleted
+    with pytest.raises(UsageError, match="is not a prepared store: refusing"):
+        prepare_dataset(f"folder:{tree}", 16, tmp_path / "store", workers=0, overwrite=True)
+    with pytest.raises(UsageError, match="is not a prepared store: refusing"):
+        prepare_dataset(f"folder:{tree}", 16, tmp_path / "tree", workers=0, overwrite=True)
+    assert (tmp_path / "store" / "val" / "notes.txt").is_file() and (tmp_path / "tree" / "val").is_dir()
 
 
 def test_a_failed_prepare_leaves_nothing(tmp_path, capsys):
