@@ -58,18 +58,22 @@ class PreparedImages(InMemoryImages):
     def __init__(self, folder: Path, crop: int | None = None):
         meta = _read_meta(folder)
         count, size = int(meta["count"]), int(meta["size"])
-        # copy-on-write mapping: writable for torch (no warning), and nothing is ever written back to the file
-        pixels = np.memmap(folder / "images.u8", dtype=np.uint8, mode="c", shape=(count, 3, size, size)) \
-            if count else np.zeros((0, 3, size, size), dtype=np.uint8)
+        try:
+            # copy-on-write mapping: writable for torch (no warning), and nothing is ever written back to the file
+            pixels = np.memmap(folder / "images.u8", dtype=np.uint8, mode="c", shape=(count, 3, size, size)) \
+                if count else np.zeros((0, 3, size, size), dtype=np.uint8)
+            labels = np.load(folder / "labels.npy")
+        except (OSError, ValueError) as exc:  # a missing or truncated file (shorter than meta.json says)
+            raise CCTError(f"prepared store {folder} is incomplete ({exc}): prepare it again") from None
+        if labels.shape != (count,) or (count and not 0 <= labels.min() <= labels.max() < len(meta["classes"])):
+            raise CCTError(f"prepared store {folder} holds labels that do not fit its {count} images and "
+                           f"{len(meta['classes'])} classes: prepare it again")
         images = torch.from_numpy(pixels)
         if crop is not None and crop < size:
             offset = (size - crop) // 2
             images = images[:, :, offset:offset + crop, offset:offset + crop]
         self.images = images  # not made contiguous as `InMemoryImages` does: that would read the whole file
-        self.labels = torch.from_numpy(np.load(folder / "labels.npy")).to(torch.int64)
-        if self.labels.shape != (count,):
-            raise CCTError(f"prepared store {folder} holds {len(self.labels)} labels for {count} images: "
-                           "prepare it again")
+        self.labels = torch.from_numpy(labels).to(torch.int64)
         self.classes = list(meta["classes"])
         self.name, self.split, self.meta = f"{_PREFIX}{folder.parent}", folder.name, meta
         self.transform = None

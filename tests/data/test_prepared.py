@@ -13,7 +13,7 @@ from cct.cli import main
 from cct.data import BatchSource
 from cct.data.jpeg import eval_file_transform
 from cct.data.prepared import PreparedImages, build_dataset, dataset_info, prepare_dataset
-from cct.errors import UsageError
+from cct.errors import CCTError, UsageError
 from tests.helpers import run_cct
 
 COLOURS = {"cat": (200, 40, 40), "dog": (40, 200, 40), "emu": (40, 40, 200)}
@@ -60,6 +60,14 @@ def test_round_trip_pixels_labels_and_skipped_count(tmp_path):
     assert (info.in_memory, info.img_size, info.num_classes, info.eval_split) == (True, 24, 3, "val")
     val = build_dataset(f"prepared:{tmp_path / 'store'}", "val", img_size=16)
     assert val.images.shape == (6, 3, 16, 16) and torch.equal(val.images[0], val.images.__getitem__(0))
+
+
+def test_a_truncated_store_is_one_clean_error(tmp_path):
+    prepare_dataset(f"folder:{_tree(tmp_path / 'tree', bad=0)}", 16, tmp_path / "store", workers=0)
+    pixels = tmp_path / "store" / "train" / "images.u8"
+    pixels.write_bytes(pixels.read_bytes()[:1000])
+    with pytest.raises(CCTError, match="is incomplete .*: prepare it again"):
+        build_dataset(f"prepared:{tmp_path / 'store'}", "train")
 
 
 def test_batches_are_gathered_on_the_host_from_the_mapped_file(tmp_path):
