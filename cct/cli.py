@@ -91,7 +91,7 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Train a recipe into a run directory (or resume the run there)."""
-    from .data.datasets import dataset_info, ensure_dataset
+    from .data.prepared import dataset_info, ensure_dataset
     from .train import load_config, train
     from .train.config import check_crop_fits
     from .train.loop import check_resumable
@@ -290,6 +290,18 @@ def cmd_recipes(args: argparse.Namespace) -> None:
         return
     for r in rows:
         print(f"{r['name']:<18}{r['model']:<20}{r['dataset']:<12}{r['epochs']:>5} epochs")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    """Convert a file dataset once into a prepared store of pre-resized pixels (`prepared:OUT` in training)."""
+    from .data.prepared import prepare_dataset
+
+    metas = prepare_dataset(args.dataset, args.size, args.output, root=_data_root(args.data_dir),
+                            overwrite=args.overwrite, workers=args.workers, val_fraction=args.val_fraction,
+                            seed=args.seed, flowers_split=args.flowers_split)
+    counts = ", ".join(f"{split} {m['count']} images ({m['skipped']} bad skipped)" for split, m in metas.items())
+    print(f"prepared {args.dataset} at {args.size} px into {args.output}: {counts}; train on it with "
+          f"--set dataset=prepared:{args.output}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -583,6 +595,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("recipes", cmd_recipes, "list the bundled recipes", "  cct recipes\n  cct recipes --json")
     p.add_argument("--json", action="store_true", help="print one JSON document")
+
+    p = add("prepare", cmd_prepare, "convert a file dataset once into pre-resized pixels read without decoding",
+            "  cct prepare imagenet --size 72 -o imagenet72\n  cct prepare folder:photos --size 128 -o photos128\n"
+            "  cct train imagenet64-cct --set dataset=prepared:imagenet72")
+    p.add_argument("dataset", help="imagenet, flowers102 or folder:PATH (as in training)")
+    p.add_argument("--size", type=_at_least(1), required=True,
+                   help="side of the stored squares (shorter side resized to it, central square kept)")
+    p.add_argument("-o", "--output", required=True, help="the store's folder (train/ and val/ inside)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store (never another folder)")
+    p.add_argument("--data-dir", help="folder holding the datasets (default: $CCT_DATA, then ./data)")
+    p.add_argument("--workers", type=_at_least(0), default=4, help="decoding processes")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of each class held out as val, for a folder without a val/ split")
+    p.add_argument("--seed", type=int, default=0, help="seed of that held-out split (as the recipe's `seed`)")
+    p.add_argument("--flowers-split", choices=("official", "cct"), default="cct")
 
     p = add("eval", cmd_eval, "evaluate a trained model (weights file or run directory) on a test split",
             "  cct eval runs/keras-example\n  cct eval runs/keras-example/best.safetensors --json --out report/")

@@ -6,11 +6,11 @@ Two kinds of dataset come out of `build_dataset`:
   `N x 3 x H x W`. Loading is a numpy reshape of the pickled batches (well under a second for CIFAR-10
   train), so the trainer can move the whole split to the GPU and augment it there in batches.
 * `ImageFiles` (flowers102, imagenet, `folder:PATH`): a list of image files decoded on demand in
-  DataLoader workers. Its `transform` (see `train_transform` and `eval_transform`) turns one
-  decoded uint8 image into a fixed-size uint8 `3 x S x S` crop; flips, normalisation and other
-  augmentations happen later, batched. A bad file (corrupt, truncated, empty, not an image, too many
-  pixels) yields `None` and one logged warning instead of killing the epoch; `collate_skip_bad`
-  drops those items and counts them.
+  DataLoader workers. Its `transform` (see `train_transform` and `eval_transform`, or
+  `cct.data.jpeg`'s, which decode only the crop) turns one image into a fixed-size uint8 `3 x S x S`
+  crop; flips, normalisation and other augmentations happen later, batched. A bad file (corrupt,
+  truncated, empty, not an image, too many pixels) yields `None` and one logged warning instead of
+  killing the epoch; `collate_skip_bad` drops those items and counts them.
 
 Where data lives: `--data-dir`, else the environment variable `CCT_DATA`, else `./data`
 (`resolve_data_root`). Missing files raise `CCTError` with a one-line message
@@ -53,6 +53,7 @@ __all__ = [
     "dataset_info",
     "decode_image_file",
     "ensure_dataset",
+    "open_image_file",
     "eval_transform",
     "resolve_data_root",
     "train_transform",
@@ -441,6 +442,35 @@ def _read_image_bytes(path: str | os.PathLike[str]) -> bytes:
     return data
 
 
+def _checked_header(data: bytes) -> Any:
+    """`data` opened by Pillow, which reads only the header: its size checked against `MAX_IMAGE_PIXELS`, not
+    decoded yet; `BadImage` for a file that is no image or too large."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            header = Image.open(io.BytesIO(data))
+        width, height = header.size
+    except Image.DecompressionBombError as exc:
+        raise BadImage(f"too many pixels ({_one_line(exc)})") from exc
+    except UnidentifiedImageError as exc:
+        raise BadImage("not a recognised image format") from exc
+    except Exception as exc:
+        raise BadImage(f"unreadable image header ({_one_line(exc)})") from exc
+    if width * height > MAX_IMAGE_PIXELS:
+        raise BadImage(f"too many pixels ({width}x{height} = {width * height} > limit {MAX_IMAGE_PIXELS})")
+    if width <= 0 or height <= 0:
+        raise BadImage(f"empty image ({width}x{height})")
+    return header
+
+
+def open_image_file(path: str | os.PathLike[str]) -> Any:
+    """One image file opened by Pillow with its header checked (as `decode_image_file` does) but its pixels not
+    decoded yet, for a caller that decodes only what it needs (`Image.draft`); raises `BadImage` saying why not."""
+    return _checked_header(_read_image_bytes(path))
+
+
 def decode_image_file(path: str | os.PathLike[str]) -> Tensor:
     """Decode one image file to a uint8 `3 x H x W` RGB tensor, or raise `BadImage` saying why.
 
@@ -452,25 +482,10 @@ def decode_image_file(path: str | os.PathLike[str]) -> Tensor:
     (value >> 8), not clipped.
     EXIF orientation is not applied, matching the usual Pillow-based ImageNet pipelines.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     data = _read_image_bytes(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            header = Image.open(io.BytesIO(data))
-        width, height = header.size
-        fmt = header.format or ""
-    except Image.DecompressionBombError as exc:
-        raise BadImage(f"too many pixels ({_one_line(exc)})") from exc
-    except UnidentifiedImageError as exc:
-        raise BadImage("not a recognised image format") from exc
-    except Exception as exc:
-        raise BadImage(f"unreadable image header ({_one_line(exc)})") from exc
-    if width * height > MAX_IMAGE_PIXELS:
-        raise BadImage(f"too many pixels ({width}x{height} = {width * height} > limit {MAX_IMAGE_PIXELS})")
-    if width <= 0 or height <= 0:
-        raise BadImage(f"empty image ({width}x{height})")
+    fmt = _checked_header(data).format or ""
 
     tv_error: Exception | None = None
     if fmt in _TORCHVISION_FORMATS:
@@ -632,8 +647,9 @@ class ImageFiles(Dataset):
 
     Attributes: `samples` (list of (path, label), built on demand), `labels` (int64 tensor),
     `classes` (human-readable names, index = label), `class_ids` (the folder names / WordNet ids),
-    `transform` (set by the loader to `train_transform` or `eval_transform`; with None, items
-    are full-size decoded images), `strict_images`, and `skipped`.
+    `transform` (`train_transform` / `eval_transform` on the decoded image, or one with a `load_file(path)`
+    method that decodes the file straight to its crop, as training sets from `cct.data.jpeg`; with None,
+    items are full-size decoded images), `strict_images`, and `skipped`.
 
     `__getitem__` returns `(uint8 3 x S x S tensor, label)`, or `None` for a bad file after logging one
     warning line naming it on the "cct.data" logger (once per file per process), unless `strict_images`
@@ -680,8 +696,9 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
         path = self.path(index)
+        load_file = getattr(self.transform, "load_file", None)  # a transform that decodes just its crop (cct.data.jpeg)
         try:
-            image = decode_image_file(path)
+            image = load_file(path) if load_file else decode_image_file(path)
         except BadImage as exc:
             if self.strict_images:
                 raise CCTError(f"bad image {path}: {exc} "
@@ -691,7 +708,7 @@ class ImageFiles(Dataset):
                 self._warned.add(index)
                 log.warning("skipping bad image %s: %s", path, exc)
             return None
-        if self.transform is not None:
+        if self.transform is not None and not load_file:
             image = self.transform(image)
         return image, int(self.labels[index])
 

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .datasets import ImageFiles, InMemoryImages, collate_skip_bad
+from .prepared import PreparedImages
 
 Batch = tuple[torch.Tensor, torch.Tensor, int]  # uint8 images B x 3 x S x S, int64 labels, images skipped
 
@@ -87,8 +88,10 @@ class BatchSource:
         self.workers = min(workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                            else os.cpu_count() or 1)
         if isinstance(dataset, InMemoryImages):
-            self.images = dataset.images.to(device)
-            self.labels = dataset.labels.to(device)
+            # a memory-mapped store stays on the host (it may not fit the device): each batch is gathered there
+            store = torch.device("cpu") if isinstance(dataset, PreparedImages) else device
+            self.images = dataset.images.to(store)
+            self.labels = dataset.labels.to(store)
         else:
             self._plan = _IndexBatches()
             self.loader = DataLoader(_SeededItems(dataset), batch_sampler=self._plan, num_workers=self.workers,
@@ -111,8 +114,9 @@ class BatchSource:
         """
         if isinstance(self.dataset, InMemoryImages):
             for idx in index_batches:
-                idx = idx.to(self.device)
-                yield self.images.index_select(0, idx), self.labels.index_select(0, idx), 0
+                idx = idx.to(self.images.device)
+                yield (self.images.index_select(0, idx).to(self.device, non_blocking=True),
+                       self.labels.index_select(0, idx).to(self.device, non_blocking=True), 0)
             return
         self._plan.batches = [[(None if seed is None else seed * 1_000_003 + i, i) for i in idx.tolist()]
                               for idx in index_batches]

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from ..data.datasets import dataset_info
+from ..data.prepared import dataset_info
 from ..errors import UsageError
 from ..models.factory import check_model_name
 
@@ -64,8 +64,9 @@ class Config:
     workers: int = 4  # DataLoader workers for file datasets
     # schedule and optimiser
     epochs: int = 300
-    batch_size: int = 128  # per process
-    lr: float = 5.5e-4  # for the global batch (batch_size x processes)
+    batch_size: int = 128  # per process and micro-batch
+    accumulate_steps: int = 1  # micro-batches whose gradients make one step (global batch: x batch_size x processes)
+    lr: float = 5.5e-4  # for the global batch (batch_size x accumulate_steps x processes)
     min_lr: float = 1e-5
     warmup_epochs: float = 10.0
     warmup_lr: float = 1e-5
@@ -159,7 +160,8 @@ _AT_LEAST = {
     **dict.fromkeys(("epochs", "workers", "padding", "mixup_off_epoch", "min_lr", "warmup_lr", "warmup_epochs",
                      "cooldown_epochs", "weight_decay", "mixup", "cutmix", "low_res_epochs"), 0),
     **dict.fromkeys(("img_size", "train_samples", "eval_samples", "batch_size", "eval_batch_size", "eval_every",
-                     "checkpoint_every_steps", "threads", "low_res_size", "processes"), 1),
+                     "checkpoint_every_steps", "threads", "low_res_size", "processes",
+                     "accumulate_steps"), 1),
 }
 _POSITIVE = ("lr", "grad_clip")
 _FRACTIONS = ("drop_path_rate", "drop_rate", "attn_drop_rate", "label_smoothing", "momentum", "val_fraction")

@@ -3,6 +3,7 @@ wrapper, reductions of metrics and "only rank 0 writes". Everything else is PyTo
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
@@ -93,6 +94,14 @@ def wrap_ddp(model: torch.nn.Module, find_unused: bool) -> torch.nn.Module:
         return model
     device_ids = [local_rank()] if next(model.parameters()).is_cuda else None
     return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused)
+
+
+def no_sync(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """The context in which backward passes of `model` (as `wrap_ddp` gave it, compiled or not) add to the
+    gradients without all-reducing them: DDP's `no_sync` for every micro-batch but a step's last; nothing to do
+    outside DDP."""
+    ddp = getattr(model, "_orig_mod", model)  # torch.compile's wrapper keeps the module it compiled there
+    return ddp.no_sync() if isinstance(ddp, DistributedDataParallel) else contextlib.nullcontext()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

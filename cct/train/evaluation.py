@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
-from ..data.datasets import build_dataset, dataset_info, eval_transform
+from ..data.jpeg import eval_file_transform
 from ..data.loader import BatchSource
+from ..data.prepared import build_dataset, dataset_info
 from ..errors import CCTError, UsageError
 from .config import Config
 from .loop import compile_for_inference, configure_for_device, evaluate
@@ -77,11 +78,12 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
     summary, recipe = run_records(Path(checkpoint)) if dataset == meta.get("dataset") else (None, None)
     summary, recipe = summary or {}, recipe or {}
     split_options = {key: recipe[key] for key in _SPLIT_OPTIONS if key in recipe}
-    data = build_dataset(dataset, split, root=data_root, download=download, **split_options)
+    data = build_dataset(dataset, split, root=data_root, download=download, img_size=model.img_size[0],
+                         **split_options)
     if len(data.classes) != model.num_classes:
         raise CCTError(f"{dataset} has {len(data.classes)} classes but the model predicts {model.num_classes}")
     if not dataset_info(dataset).in_memory:
-        data.transform = eval_transform(model.img_size[0])
+        data.transform = eval_file_transform(model.img_size[0])
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     if flip is None:

@@ -27,8 +27,9 @@ from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 
 from ..data.augment import BatchAugment, normalize
-from ..data.datasets import build_dataset, dataset_info, eval_transform, train_transform
+from ..data.jpeg import eval_file_transform, train_file_transform
 from ..data.loader import BatchSource, epoch_seed, eval_batch_indices, steps_per_epoch, train_batch_indices
+from ..data.prepared import build_dataset, dataset_info
 from ..errors import CCTError
 from ..kernels import accelerate, fast_paths
 from ..models import create_model
@@ -290,14 +291,49 @@ class Engine:
     def step(self, images: torch.Tensor, labels: torch.Tensor, step: int, lr: float, mixing: bool = True,
              size: int | None = None) -> tuple[float, torch.Tensor, torch.Tensor]:
         """One optimisation step on a uint8 batch, at input `size` if given (progressive resizing); returns
-        (loss, logits, soft targets). A non-finite loss or gradient changes nothing (no update) and is returned as
-        a non-finite loss for the caller to act on."""
+        (loss, logits, soft targets). With `accumulate_steps` k the batch is split into k micro-batches, each
+        augmented, forwarded and back-propagated in turn (the gradients summed, weighted by their share of the
+        batch, all-reduced under DDP after the last only), then one update: the step of the whole batch in a
+        k-th of the activation memory. A non-finite loss or gradient changes nothing (no update) and is
+        returned as a non-finite loss for the caller to act on."""
         cfg = self.cfg
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.generator.manual_seed(step_seed(cfg.seed, step, dist.rank()))
         torch.manual_seed(step_seed(cfg.seed, step, dist.rank()) + 1)  # dropout masks
-        self.model.seed_stochastic_depth(step_seed(cfg.seed, step))  # the same on every rank
+        parts = list(zip(images.chunk(cfg.accumulate_steps), labels.chunk(cfg.accumulate_steps), strict=True))
+        loss_sum, all_logits, all_targets = 0.0, [], []
+        for i, (part_images, part_labels) in enumerate(parts):
+            # the same on every rank, and for every micro-batch: the step skips the branches one pass would
+            self.model.seed_stochastic_depth(step_seed(cfg.seed, step))
+            with nullcontext() if i == len(parts) - 1 else dist.no_sync(self.forward):
+                loss_value, logits, targets = self._forward_backward(part_images, part_labels, mixing, size,
+                                                                     len(part_labels) / len(labels))
+            all_logits.append(logits)
+            all_targets.append(targets)
+            loss_sum += loss_value * len(part_labels)
+            if not math.isfinite(loss_value):
+                self.optimizer.zero_grad(set_to_none=True)
+                return loss_value, torch.cat(all_logits), torch.cat(all_targets)
+        logits, targets = torch.cat(all_logits), torch.cat(all_targets)
+        if not self.scaler.is_enabled() and not gradients_finite(self.model):
+            self.optimizer.zero_grad(set_to_none=True)
+            return math.nan, logits, targets
+        if cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model, step=step)
+        return loss_sum / len(labels), logits, targets
+
+    def _forward_backward(self, images: torch.Tensor, labels: torch.Tensor, mixing: bool, size: int | None,
+                          weight: float) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """Augment, forward and back-propagate one (micro-)batch, its loss weighted by `weight` in the gradients;
+        returns (loss, logits, soft targets), with no backward where the loss is non-finite (see below)."""
+        cfg = self.cfg
         x, targets = self.augments[mixing](images.to(self.augment_device), labels.to(self.augment_device),
                                            self.generator)
         x, targets = x.to(self.device), targets.to(self.device)
@@ -319,18 +355,7 @@ class Engine:
             loss_value = math.nan
         if not math.isfinite(loss_value) and (vote or not dist.is_distributed()):
             return loss_value, logits, targets
-        self.scaler.scale(loss).backward()
-        if not self.scaler.is_enabled() and not gradients_finite(self.model):
-            self.optimizer.zero_grad(set_to_none=True)
-            return math.nan, logits, targets
-        if cfg.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self.model, step=step)
+        self.scaler.scale(loss * weight).backward()
         return loss_value, logits, targets
 
     def state_dict(self) -> dict[str, Any]:
@@ -371,14 +396,14 @@ def _load_data(cfg: Config, data_root: Path | None, img_size: int):
     kwargs = dict(root=data_root, flowers_split=cfg.flowers_split, val_fraction=cfg.val_fraction, seed=cfg.seed,
                   strict_images=cfg.strict_images)
     train_ds = build_dataset(cfg.dataset, "train", **kwargs)
-    eval_ds = build_dataset(cfg.dataset, info.eval_split, **kwargs)
+    eval_ds = build_dataset(cfg.dataset, info.eval_split, img_size=img_size, **kwargs)
     if len(eval_ds) == 0:
         raise CCTError(f"the {info.eval_split} split of {cfg.dataset} holds no images ({len(train_ds)} for "
                        f"training): add images (or, for a tree without a val folder, raise val_fraction, now "
                        f"{cfg.val_fraction})")
     if not info.in_memory:
-        train_ds.transform = train_transform(img_size, scale=tuple(cfg.scale))
-        eval_ds.transform = eval_transform(img_size)
+        train_ds.transform = train_file_transform(img_size, scale=tuple(cfg.scale))
+        eval_ds.transform = eval_file_transform(img_size)
     return info, train_ds, eval_ds
 
 
@@ -407,7 +432,7 @@ def train(cfg: Config, run_dir: Path, data_root: Path | None = None, resume: boo
 
 # What the saved weights and optimiser state are shaped by, and what a saved step means (it counts global
 # batches of the training set): a resumed run must keep them.
-_FIXED_ON_RESUME = ("model", "dataset", "img_size", "optimizer", "batch_size", "train_samples")
+_FIXED_ON_RESUME = ("model", "dataset", "img_size", "optimizer", "batch_size", "accumulate_steps", "train_samples")
 
 
 def check_resumable(cfg: Config, saved: dict[str, Any], run_dir: Path) -> None:
@@ -484,10 +509,10 @@ def _start(cfg: Config, run_dir: Path, data_root: Path | None, resume: bool, dev
     info, train_ds, eval_ds = _load_data(cfg, data_root, img_size)
     train_source, eval_source = BatchSource(train_ds, dev, cfg.workers), BatchSource(eval_ds, dev, cfg.workers)
     num_train = min(len(train_ds), cfg.train_samples or len(train_ds))
-    spe = steps_per_epoch(num_train, cfg.batch_size, dist.world_size())
+    spe = steps_per_epoch(num_train, cfg.batch_size * cfg.accumulate_steps, dist.world_size())
     if spe == 0 and cfg.epochs > 0:
-        raise CCTError(f"{num_train} training images are fewer than one batch of {cfg.batch_size} "
-                       f"x {dist.world_size()} process(es): lower batch_size")
+        raise CCTError(f"{num_train} training images are fewer than one batch of {cfg.batch_size} x "
+                       f"{cfg.accumulate_steps} accumulated x {dist.world_size()} process(es): lower batch_size")
     torch.manual_seed(cfg.seed)  # the initial weights
     engine = Engine(cfg, len(train_ds.classes), img_size, info.mean, info.std, info.in_memory, dev)
     cfg = engine.cfg  # the precision that runs (config.yaml and summary.json record it)
@@ -501,7 +526,7 @@ def _start(cfg: Config, run_dir: Path, data_root: Path | None, resume: bool, dev
         run.log = MetricsLog(run_dir, run.history)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        run.progress = Progress(run.total_steps, run.step, cfg.batch_size * dist.world_size())
+        run.progress = Progress(run.total_steps, run.step, cfg.batch_size * cfg.accumulate_steps * dist.world_size())
         run.progress.write(f"{cfg.model} on {dev}: precision {cfg.precision} ({engine.precision_reason})")
     return run
 
@@ -565,7 +590,8 @@ def _train_epoch(run: _Run) -> int:
     cfg, spe = run.cfg, run.steps_per_epoch
     epoch, offset = divmod(run.step, spe)
     mixing = cfg.mixup_off_epoch is None or epoch < cfg.mixup_off_epoch
-    batches = train_batch_indices(run.num_train, cfg.batch_size, cfg.seed, epoch, dist.rank(), dist.world_size())
+    batches = train_batch_indices(run.num_train, cfg.batch_size * cfg.accumulate_steps, cfg.seed, epoch, dist.rank(),
+                                  dist.world_size())
     tic = time.perf_counter()
     for images, labels, skipped in run.train_source.batches(batches[offset:], seed=epoch_seed(cfg.seed, epoch)):
         finite = _train_step(run, images, labels, skipped, epoch, mixing)

@@ -6,9 +6,11 @@ import json
 import pytest
 import timm
 import torch
+from safetensors.torch import save_file
 
 import cct
 from cct.cli import main
+from cct.models.checkpoint import read_metadata, read_state_dict
 from cct.train.runs import load_trained
 
 
@@ -54,3 +56,16 @@ def test_create_model_rejects_a_folder_of_another_architecture(trained_run, tmp_
     assert main(["export", str(trained_run), "--format", "hub", "-o", str(folder)]) == 0
     with pytest.raises(cct.errors.CCTError, match="holds cct_2_3x2_32, not cct_4_3x2_32"):
         cct.create_model("cct_4_3x2_32", pretrained=folder)
+
+
+@pytest.mark.parametrize("header_length", [128, 80 + 256])
+def test_safetensors_whose_header_length_starts_like_a_pickle_or_zip_still_load(tmp_path, header_length):
+    weights = {"w": torch.arange(4.0)}
+    path = tmp_path / "w.safetensors"
+    for pad in range(400):  # the header's length follows the metadata's (padded to 8 bytes by safetensors)
+        save_file(weights, str(path), metadata={"model": json.dumps("x" * pad)})
+        if int.from_bytes(path.read_bytes()[:8], "little") == header_length:
+            break
+    assert path.read_bytes()[:1] in (b"\x80", b"P")
+    assert torch.equal(read_state_dict(path)["w"], weights["w"])
+    assert read_metadata(path)["model"].startswith("x")

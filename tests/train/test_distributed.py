@@ -64,7 +64,8 @@ def _join_gloo(rank: int, world: int, port: int):
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     dist = _join_gloo(rank, world, port)
-    result = {"noisy": _steps(NOISY, 16, rank, world), "exact": _steps(EXACT, 16, rank, world)}
+    result = {"noisy": _steps(NOISY, 16, rank, world), "exact": _steps(EXACT, 16, rank, world),
+              "accumulated": _steps([*EXACT, "accumulate_steps=2"], 16, rank, world)}  # 2 micro-batches of 8
     torch.save(result, Path(out) / f"rank{rank}.pt")
     dist.barrier()
 
@@ -111,16 +112,17 @@ def _free_port() -> int:
 def test_ranks_stay_identical_and_two_ranks_equal_one_process_with_twice_the_batch(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    for kind in ("noisy", "exact"):  # (a) bit-identical weights on both ranks, even with rank-dependent noise
+    for kind in ("noisy", "exact", "accumulated"):  # (a) bit-identical weights on both ranks, even with noise
         for key, value in ranks[0][kind].items():
             assert torch.equal(value, ranks[1][kind][key]), (kind, key)
 
     alone = _steps(EXACT, 32, 0, 1)  # (b) one process, batch 2 x 16, the same images in the same steps
     # pool.score.bias shifts every token's score equally, so softmax cancels it: its true gradient is 0 and its
     # computed one is rounding noise, which AdamW scales up to +-lr per step (with SGD it matches to 1e-8 too)
-    worst = max((alone[k] - v).abs().max().item() for k, v in ranks[0]["exact"].items()
-                if v.is_floating_point() and k != "pool.score.bias")
-    assert worst < 2e-5, worst
+    for kind in ("exact", "accumulated"):  # (c) so do 2 ranks each accumulating 2 micro-batches of 8
+        worst = max((alone[k] - v).abs().max().item() for k, v in ranks[0][kind].items()
+                    if v.is_floating_point() and k != "pool.score.bias")
+        assert worst < 2e-5, (kind, worst)
 
 
 def test_the_equivalence_run_skips_a_branch_after_it_was_trained():

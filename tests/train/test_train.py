@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from cct.cli import main
+from cct.data import prepare_dataset
 from cct.errors import CCTError, UsageError
 from cct.train import bundled_recipes, evaluate_checkpoint, load_config, train
 from cct.train.config import Config
@@ -167,7 +168,7 @@ def _tiny_trees(root: Path) -> None:
 
 
 @pytest.mark.parametrize("recipe", sorted(bundled_recipes()))
-def test_every_bundled_recipe_builds_model_and_data(recipe, data_root, tmp_path, capsys):
+def test_every_bundled_recipe_builds_model_and_data(recipe, data_root, tmp_path, capsys, monkeypatch):
     cfg = load_config(recipe)
     if cfg.dataset == "cifar100":  # not on this machine: the error must say what to put where
         assert main(["train", recipe, "--data-dir", str(tmp_path), "--set", "epochs=0",
@@ -175,9 +176,12 @@ def test_every_bundled_recipe_builds_model_and_data(recipe, data_root, tmp_path,
         assert "cifar-100-python" in capsys.readouterr().err
         return
     root = data_root
-    if cfg.dataset in ("flowers102", "imagenet"):
+    if cfg.dataset in ("flowers102", "imagenet") or cfg.dataset.startswith("prepared:"):
         root = tmp_path / "data"
         _tiny_trees(root)
+    if cfg.dataset.startswith("prepared:"):  # a store of the tiny ImageNet, where the recipe looks for it
+        monkeypatch.chdir(tmp_path)
+        prepare_dataset("imagenet", 72, cfg.dataset.removeprefix("prepared:"), root=root, workers=0)
     args = ["train", recipe, "--data-dir", str(root), "--set", "epochs=0", "--set", "workers=0",
             "--set", "eval_samples=100", "--set", "processes=1", "--out", str(tmp_path / "run")]
     if cfg.img_size and cfg.img_size > 32:
@@ -347,3 +351,31 @@ def test_a_step_with_non_finite_gradients_changes_nothing():
     assert all(p.grad is None for p in engine.model.parameters())
     hook.remove()
     assert math.isfinite(engine.step(images, labels, 1, 1e-3)[0])
+
+
+def test_accumulating_two_micro_batches_equals_one_step_of_both():
+    """SGD in fp32 without dropout, mixing or random augmentation: 2 accumulated micro-batches of 8 move the
+    weights as one step on the 16 images (the gradients of the two halves weighted by their share)."""
+    from cct.train.loop import Engine
+
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(16) % 10
+
+    def stepped(accumulate: int) -> tuple[Engine, float]:
+        torch.manual_seed(0)
+        cfg = Config(model="cct_2_3x2_32", optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=1e-4,
+                     precision="fp32", accumulate_steps=accumulate, drop_path_rate=0.0, attn_drop_rate=0.0,
+                     drop_rate=0.0, label_smoothing=0.0, padding=0, hflip=0.0)
+        engine = Engine(cfg, 10, 32, (0.5,) * 3, (0.25,) * 3, True, torch.device("cpu"))
+        losses = [engine.step(images, labels, step, cfg.lr)[0] for step in range(2)]
+        return engine, losses[0]
+
+    (one, loss_one), (two, loss_two) = stepped(1), stepped(2)
+    torch.manual_seed(0)
+    initial = Engine(Config(model="cct_2_3x2_32"), 10, 32, (0.5,) * 3, (0.25,) * 3, True, torch.device("cpu"))
+    assert loss_one == pytest.approx(loss_two, rel=1e-5)
+    for name, weight in one.model.state_dict().items():
+        torch.testing.assert_close(two.model.state_dict()[name], weight, rtol=1e-4, atol=1e-5, msg=name)
+    moved = max((one.model.state_dict()[k] - v).abs().max().item() for k, v in initial.model.state_dict().items()
+                if v.is_floating_point())
+    assert moved > 1e-3  # the steps did move the weights: the comparison is not of two untouched models
