@@ -30,6 +30,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "crop": ("pad", "resized", "none"),
     "on_nan": ("stop", "skip"),
     "flowers_split": ("official", "cct"),
+    "freeze": ("none", "tokenizer", "backbone"),
 }
 
 
@@ -60,6 +61,14 @@ class Config:
     val_fraction: float = 0.1  # folder datasets without a val/ split
     strict_images: bool = False  # a bad image file is fatal instead of skipped
     workers: int = 4  # DataLoader workers for file datasets
+    # initial weights (fine-tuning): what `cct.train.runs.resolve_weights` accepts, e.g. `cct_2_3x2_32.cifar10_keras`,
+    # a weights file, a run directory, a Hub folder or `hf-hub:ORG/NAME`; `none`: random weights
+    init: str = "none"
+    # `tokenizer`: the convolutions stay as loaded; `backbone`: a linear probe, only the head trains (the
+    # sequence pooling is part of the features: frozen too)
+    freeze: str = "none"
+    layer_decay: float | None = None  # each block's LR is this times the next one's (timm's layer-wise decay)
+    head_lr_scale: float = 1.0  # the head's LR multiplier (a re-initialised head may learn faster)
     # schedule and optimiser
     epochs: int = 300
     batch_size: int = 128  # per process
@@ -159,9 +168,9 @@ _AT_LEAST = {
     **dict.fromkeys(("img_size", "train_samples", "eval_samples", "batch_size", "eval_batch_size", "eval_every",
                      "checkpoint_every_steps", "threads", "low_res_size", "processes"), 1),
 }
-_POSITIVE = ("lr", "grad_clip")
+_POSITIVE = ("lr", "grad_clip", "head_lr_scale")
 _FRACTIONS = ("drop_path_rate", "drop_rate", "attn_drop_rate", "label_smoothing", "momentum", "val_fraction")
-_PROBABILITIES = ("hflip", "mix_prob", "switch_prob", "erasing", "ema_decay")
+_PROBABILITIES = ("hflip", "mix_prob", "switch_prob", "erasing", "ema_decay", "layer_decay")
 _LARGEST_INT = 2**31 - 1  # seeds and thread counts beyond this overflow torch's C integers
 
 
