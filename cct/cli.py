@@ -437,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="?", help="a .safetensors weights file, a run directory, a Hub folder, "
                    "an official .pth, hf-hub:ORG/NAME or MODEL.TAG")
     p.add_argument("--model", help="architecture name, for files that do not record it (official .pth)")
-    p.add_argument("--pretrained", metavar="TAG", help="use the weights TAG of --model (shipped, e.g. cifar10, or official)")
+    p.add_argument("--pretrained", metavar="TAG",
+                   help="use the weights TAG of --model (shipped, e.g. cifar10, or official)")
     p.add_argument("--dataset", help="dataset name (default: the one the model was trained on)")
     p.add_argument("--data-dir", help="folder holding the datasets (default: $CCT_DATA, then ./data)")
     p.add_argument("--download", action="store_true",
@@ -461,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "hf-hub:ORG/NAME or MODEL.TAG; omit it "
                    "with --pretrained) followed by image files of any size or mode")
     p.add_argument("--model", help="architecture name, for files that do not record it")
-    p.add_argument("--pretrained", metavar="TAG", help="use the weights TAG of --model (shipped, e.g. cifar10, or official)")
+    p.add_argument("--pretrained", metavar="TAG",
+                   help="use the weights TAG of --model (shipped, e.g. cifar10, or official)")
     p.add_argument("--topk", type=_at_least(1), default=5)
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
@@ -475,7 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=("onnx", "safetensors", "torchscript", "hub"))
     p.add_argument("-o", "--output", required=True, help="output file (a new folder for --format hub)")
     p.add_argument("--model", help="architecture name, for files that do not record it")
-    p.add_argument("--pretrained", metavar="TAG", help="export the weights TAG of --model (shipped, e.g. cifar10, or official)")
+    p.add_argument("--pretrained", metavar="TAG",
+                   help="export the weights TAG of --model (shipped, e.g. cifar10, or official)")
 
     p = add("push", cmd_push, "upload a trained model to the Hugging Face Hub (needs a network and a token)",
             "  cct push runs/keras-example me/cct2-cifar10\n  cct push hub/cct2-cifar10 me/cct2-cifar10")

@@ -127,8 +127,10 @@ def _cfgs() -> dict[str, dict[str, Any]]:
 
 def official_key(name: str, tag: str | None) -> str | None:
     """The `OFFICIAL_WEIGHTS` key that `timm.create_model(name[.tag], pretrained=True)` loads, if any."""
-    cfg = get_pretrained_cfg(f"{name}.{tag}" if tag else name)
-    key = f"{name}.{cfg.tag}" if cfg is not None else None
+    if not tag:
+        default = get_pretrained_cfg(name)
+        tag = default.tag if default is not None else None
+    key = f"{name}.{tag}"
     return key if key in OFFICIAL_WEIGHTS else None
 
 
