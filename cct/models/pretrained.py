@@ -114,8 +114,8 @@ def check_weights_file(path: Path, model: nn.Module, sha256: str | None = None) 
     state_dict = checkpoint_filter_fn(read_state_dict(path), model)
     problem = describe_mismatch(state_dict, model.state_dict())
     if problem:
-        raise CCTError(f"{path} does not fit {model.pretrained_cfg.get('architecture', type(model).__name__)}: "
-                       f"{problem}")
+        name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
+        raise CCTError(f"{path} does not fit {name}: {problem}")
     return state_dict
 
 

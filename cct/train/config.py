@@ -47,6 +47,8 @@ class Config:
         epochs: training epochs; `batch_size` is per process, `lr` for the global batch.
         seed: the seed of the weights, the data order and every augmentation draw.
         precision: `bf16`, `fp16` (CUDA only) or `fp32`: the autocast of training and evaluation.
+        init: the weights training starts from (`none`: random), named as every command names weights
+            (`cct.train.runs.resolve_weights`); `freeze`, `layer_decay` and `head_lr_scale` shape fine-tuning.
         The other fields (schedule, optimiser, regularisation, augmentation, evaluation, checkpoints) are
         commented where they are declared below.
     """

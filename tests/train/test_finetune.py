@@ -314,3 +314,20 @@ assert main(["predict", "hf-hub:someone/absent", {str(image)!r}]) == 1
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["init"] == "hf-hub:someone/cct2"
     resolved, _ = resolve_weights(folder)
     assert load_trained(resolved)[1]["model"] == "cct_2_3x2_32"
+
+
+def test_ddp_trains_a_partly_frozen_model(tmp_path):
+    """Two torchrun processes: DDP leaves the frozen tokenizer out (no unused-parameter error) and it stays as
+    loaded while the rest trains."""
+    tree = _image_tree(tmp_path / "tree")
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "cct", "train", "finetune", "--nproc-per-node", "2", "--out", str(out),
+         "--set", f"dataset=folder:{tree}", "--set", "freeze=tokenizer", "--set", "epochs=1", "--set", "workers=0",
+         "--set", "batch_size=4", "--set", "val_fraction=0.25"],
+        env=dict(os.environ, PYTHONPATH=os.getcwd()), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    shipped, trained = load_file(shipped_weights("cct_2_3x2_32", "cifar10")), load_file(out / "last.safetensors")
+    assert json.loads((out / "summary.json").read_text())["processes"] == 2
+    assert all(torch.equal(trained[k], v) for k, v in shipped.items() if k.startswith("tokenizer."))
+    assert not torch.equal(trained["blocks.0.attn.qkv.weight"], shipped["blocks.0.attn.qkv.weight"])
