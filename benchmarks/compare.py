@@ -304,7 +304,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per row before its windows")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads of the training process")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the plain and official rows")
-    p.add_argument("--official", default="/work/official", help="checkout of SHI-Labs/Compact-Transformers")
+    p.add_argument("--official", default="../Compact-Transformers",
+                   help="checkout of SHI-Labs/Compact-Transformers (default: next to this repository)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/compare/<model>-<cpu>-<n>t.json)")
     args = p.parse_args(argv)
     if not os.environ.get("CCT_DATA"):
@@ -342,7 +343,8 @@ def main(argv: list[str] | None = None) -> None:
     rows["plain fp32"] = bench_loader_model(plain, batches, "fp32", **train_kw)
 
     official_path = Path(args.official)
-    official_info: dict[str, Any] = dict(path=str(official_path))
+    # the commit identifies the code; a local path would mean nothing on another machine
+    official_info: dict[str, Any] = dict(repository="SHI-Labs/Compact-Transformers")
     if (official_path / "src" / "cct.py").is_file():
         official = import_official(official_path)
         official_info["commit"] = official_commit(official_path)

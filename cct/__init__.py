@@ -6,6 +6,7 @@ The rooms: `cct.models` (the architectures and their weights), `cct.data` (datas
 """
 
 from .models import convert_official_state_dict, create_model, list_models
+from .models.explain import explain as explain
 
 __version__ = "0.1.0"
 __all__ = ["create_model", "list_models", "convert_official_state_dict", "__version__"]

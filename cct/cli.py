@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from . import __version__
 from .errors import CCTError, UsageError
 
 
@@ -280,24 +281,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     """Classify image files with a trained model."""
-    if args.pretrained is None:
-        if len(args.images) < 2:
-            raise UsageError("give a CHECKPOINT and at least one image")
-        args.checkpoint, args.images = args.images[0], args.images[1:]
-    else:
-        args.checkpoint = None
-    from .data.datasets import eval_transform
-    from .train.runs import load_trained
-
-    model, meta = load_trained(_weights_source(args), args.model)
-    _retain_freed_memory(_device("cpu"))
-    transform = eval_transform(model.img_size[0], crop_pct=1.0)
-    readable, unreadable = [], []  # like `cat` or `file`: every image that can be read is classified
-    for path in args.images:
-        try:
-            readable.append((path, transform(_decode(path))))
-        except CCTError as e:
-            unreadable.append(str(e))
+    model, meta = _model_for_images(args)
+    readable, unreadable = _read_images(args.images, model.img_size[0])
     results = _classify(model, meta, readable, args.topk) if readable else []
     if args.json:
         _print_json(results)
@@ -306,6 +291,41 @@ def cmd_predict(args: argparse.Namespace) -> None:
             print(r["image"])
             for p in r["predictions"]:
                 print(f"  {p['probability'] * 100:6.2f}%  {p['label']}")
+    _report_unreadable(unreadable)
+
+
+def _model_for_images(args: argparse.Namespace):
+    """The trained model and metadata of `cct predict`-style arguments (CHECKPOINT IMAGE... or --pretrained
+    IMAGE...); leaves the image paths alone in `args.images`."""
+    if args.pretrained is None:
+        if len(args.images) < 2:
+            raise UsageError("give a CHECKPOINT and at least one image")
+        args.checkpoint, args.images = args.images[0], args.images[1:]
+    else:
+        args.checkpoint = None
+    from .train.runs import load_trained
+
+    _retain_freed_memory(_device("cpu"))
+    return load_trained(_weights_source(args), args.model)
+
+
+def _read_images(paths: list[str], img_size: int) -> tuple[list, list[str]]:
+    """(path, uint8 image as the model sees it) of every readable file, and one message per unreadable one:
+    like `cat` or `file`, every image that can be read is processed."""
+    from .data.datasets import eval_transform
+
+    transform = eval_transform(img_size, crop_pct=1.0)
+    readable, unreadable = [], []
+    for path in paths:
+        try:
+            readable.append((path, transform(_decode(path))))
+        except CCTError as e:
+            unreadable.append(str(e))
+    return readable, unreadable
+
+
+def _report_unreadable(unreadable: list[str]) -> None:
+    """One `error:` line per unreadable image, the last one as the command's error (exit 1)."""
     for message in unreadable[:-1]:
         print(f"error: {message}", file=sys.stderr)
     if unreadable:
@@ -322,9 +342,69 @@ def _classify(model, meta: dict, images: list, topk: int) -> list[dict]:
     with torch.no_grad():
         probs = model(normalize(batch, meta["mean"], meta["std"])).float().softmax(dim=1)
     top = probs.topk(min(topk, probs.shape[1]), dim=1)
-    return [dict(image=str(path), predictions=[dict(label=meta["classes"][i], probability=round(p, 6))
-                                               for p, i in zip(values.tolist(), idx.tolist(), strict=True)])
+    return [dict(image=str(path), predictions=_labelled(values, idx, meta["classes"]))
             for (path, _), values, idx in zip(images, top.values, top.indices, strict=True)]
+
+
+def _labelled(probabilities, indices, classes: list[str]) -> list[dict]:
+    """One image's top-k as [{label, probability}], highest first."""
+    return [dict(label=classes[i], probability=round(p, 6))
+            for p, i in zip(probabilities.tolist(), indices.tolist(), strict=True)]
+
+
+_EXPLAIN_BATCH = 64  # images per forward pass: bounds the memory of the attention matrices
+
+
+def cmd_explain(args: argparse.Namespace) -> None:
+    """Draw where a trained model looked in each image: its sequence-pooling and attention-rollout maps."""
+    import torch
+
+    from .data.augment import normalize
+    from .models.explain import explain, save_explanation_png
+
+    model, meta = _model_for_images(args)
+    out = Path(args.out)
+    pngs = _explain_outputs(args.images, out)
+    readable, unreadable = _read_images(args.images, model.img_size[0])
+    if readable:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CCTError(f"cannot write {out}: {e.strerror or e}") from None
+    results = []
+    for start in range(0, len(readable), _EXPLAIN_BATCH):
+        chunk = readable[start:start + _EXPLAIN_BATCH]
+        batch = torch.stack([image for _, image in chunk])
+        explanation = explain(model, normalize(batch, meta["mean"], meta["std"]), args.topk)
+        for i, (path, image) in enumerate(chunk):
+            try:
+                save_explanation_png(pngs[path], image, explanation, i, meta["classes"])
+            except OSError as e:
+                raise CCTError(f"cannot write {pngs[path]}: {e.strerror or e}") from None
+            results.append(dict(image=str(path), png=str(pngs[path]), pooling=explanation.pooling_kind,
+                                pooling_shape=list(explanation.pooling.shape[1:]),
+                                rollout_shape=list(explanation.rollout.shape[1:]),
+                                predictions=_labelled(explanation.top_probs[i], explanation.top_classes[i],
+                                                      meta["classes"])))
+    if args.json:
+        _print_json(results)
+    else:
+        for r in results:
+            best = r["predictions"][0]
+            print(f"{r['image']}: {best['label']} {best['probability'] * 100:.2f}%  -> {r['png']}")
+    _report_unreadable(unreadable)
+
+
+def _explain_outputs(images: list[str], out: Path) -> dict[str, Path]:
+    """The PNG each image's explanation goes to, `out/<stem>.png`; two images of the same stem are a usage
+    error, found before anything is written."""
+    pngs: dict[str, Path] = {}
+    for path in images:
+        png = out / f"{Path(path).stem}.png"
+        if png in pngs.values() and path not in pngs:
+            raise UsageError(f"two images would both be drawn to {png}: give them different file names")
+        pngs[path] = png
+    return pngs
 
 
 def _weights_source(args: argparse.Namespace) -> str:
@@ -347,6 +427,13 @@ def _decode(path: str):
         return decode_image_file(path)
     except BadImage as e:
         raise CCTError(f"{path}: {e}") from None
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Serve a web page where people try a trained model on their own images (needs Gradio)."""
+    from .demo import serve
+
+    serve(_weights_source(args), args.model, host=args.host, port=args.port, share=args.share)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -378,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cct", description="Train, evaluate and ship Compact Convolutional Transformers.",
                      formatter_class=argparse.RawDescriptionHelpFormatter,
                      epilog="examples:\n  cct models 'cct_7*'\n  cct train keras-example\n  cct bench --json")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
@@ -466,6 +554,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the weights TAG of --model (shipped, e.g. cifar10, or official)")
     p.add_argument("--topk", type=_at_least(1), default=5)
     p.add_argument("--json", action="store_true", help="print one JSON document")
+
+    p = add("explain", cmd_explain, "draw where a trained model looked: sequence-pooling and attention maps",
+            "  cct explain runs/keras-example cat.jpg dog.png -o maps/\n"
+            "  cct explain --model cct_2_3x2_32 --pretrained cifar10 cat.png --topk 3 --json")
+    p.add_argument("images", nargs="+", help="CHECKPOINT (a weights file, run directory or Hub folder; omit it "
+                   "with --pretrained) followed by image files of any size or mode")
+    p.add_argument("--model", help="architecture name, for files that do not record it")
+    p.add_argument("--pretrained", metavar="TAG", help="use the shipped weights of --model, e.g. cifar10")
+    p.add_argument("-o", "--out", default="explain", help="folder for one IMAGE-STEM.png per image "
+                   "(default: explain/)")
+    p.add_argument("--topk", type=_at_least(1), default=5)
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+
+    p = add("demo", cmd_demo, "serve a web page to try a trained model on uploaded images (needs Gradio)",
+            "  cct demo runs/keras-example\n  cct demo --model cct_2_3x2_32 --pretrained cifar10 --port 8080\n"
+            "  cct demo hub/cct2-cifar10 --host 0.0.0.0   # reachable from other machines")
+    p.add_argument("checkpoint", nargs="?", help="a weights file, run directory or Hub folder")
+    p.add_argument("--model", help="architecture name, for files that do not record it")
+    p.add_argument("--pretrained", metavar="TAG", help="use the shipped weights of --model, e.g. cifar10")
+    p.add_argument("--host", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=_at_least(1), help="TCP port (default: the first free one from 7860)")
+    p.add_argument("--share", action="store_true", help="also open a temporary public link (Gradio's servers)")
 
     p = add("export", cmd_export, "export a trained model to ONNX, safetensors, TorchScript or a Hub folder",
             "  cct export runs/keras-example --format onnx -o cct2.onnx\n"

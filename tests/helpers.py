@@ -45,3 +45,18 @@ def metrics_without_timing(run_dir: Path) -> list[dict[str, str]]:
     """The rows of a run's metrics.csv less the columns that depend on the machine's speed."""
     with (run_dir / "metrics.csv").open() as f:
         return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in csv.DictReader(f)]
+
+
+def write_cifar_test_pngs(data_root: Path, folder: Path, count: int) -> list[Path]:
+    """The first `count` CIFAR-10 test images as PNG files named `<index>_<class>.png`, as a person would have
+    them on disk."""
+    from PIL import Image
+
+    from cct.data.datasets import build_dataset
+
+    test = build_dataset("cifar10", "test", root=data_root)
+    paths = []
+    for i in range(count):
+        paths.append(folder / f"{i}_{test.classes[int(test.labels[i])]}.png")
+        Image.fromarray(test.images[i].permute(1, 2, 0).numpy()).save(paths[-1])
+    return paths

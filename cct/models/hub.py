@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import CCTError
 from .complexity import count_macs, count_params
+from .space import write_space_files
 
 CITATION = """@article{hassani2021escaping,
   title   = {Escaping the Big Data Paradigm with Compact Transformers},
@@ -117,7 +118,7 @@ datasets: [{meta.get('dataset') or 'unknown'}]
 # {name} trained with cct
 
 A Compact Convolutional Transformer (Hassani et al., 2021) {origin} with
-[cct](https://pypi.org/project/cct/).
+[cct](https://pypi.org/project/compact-transformers/) (`pip install compact-transformers`).
 
 | | |
 |---|---|
@@ -174,6 +175,7 @@ def export_hub_folder(model: nn.Module, meta: dict[str, Any], out_dir: Path,
         save_for_hf(model, str(staging), model_config=model_config, model_args=model_args,
                     safe_serialization=True, data_config=data_config)
         (staging / "README.md").write_text(_model_card(model, meta, summary, recipe))
+        write_space_files(staging)
         if out_dir.exists():
             out_dir.rmdir()
         staging.rename(out_dir)

@@ -15,7 +15,8 @@ from cct.train.runs import load_trained
 def test_trained_run_round_trips_through_a_hub_folder(trained_run, tmp_path, capsys):
     folder = tmp_path / "hub"
     assert main(["export", str(trained_run), "--format", "hub", "-o", str(folder)]) == 0
-    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "README.md"}
+    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "README.md", "app.py",
+                                                 "requirements.txt"}
     config = json.loads((folder / "config.json").read_text())
     assert config["architecture"] == "cct_2_3x2_32" and config["num_classes"] == 10
     assert config["label_names"][0] == "airplane" and config["recipe"]["model"] == "cct_2_3x2_32"

@@ -12,7 +12,7 @@ from cct.errors import CCTError, UsageError
 from cct.models import VARIANTS
 from cct.models.complexity import count_macs, count_params
 
-# Figures from the issue / the official implementation (learnable position embeddings).
+# Parameter counts of the official implementation (learnable position embeddings).
 KNOWN_COUNTS = {"cct_2_3x2_32": 283_723, "cct_7_3x1_32": 3_760_139, "cct_14_7x2_224": 22_367_273}
 
 
@@ -66,12 +66,12 @@ def test_forward_shape_224_and_macs():
     model = cct.create_model("cct_7_7x2_224", num_classes=7).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 224, 224)).shape == (1, 7)
-    # 0.07 GFLOP forward for the smallest model, as quoted in the speed issue.
+    # 0.07 GFLOP forward for the smallest model: 0.035 GMACs.
     assert 0.034e9 < count_macs(cct.create_model("cct_2_3x2_32")) < 0.036e9
 
 
 def test_keras_example_comparison_figures():
-    """The README compares our attention with the Keras example's (2 layers, dim 128, 2 heads, key_dim 128)."""
+    """docs/models.md compares our attention with the Keras example's (2 layers, dim 128, 2 heads, key_dim 128)."""
     model = cct.create_model("cct_2_3x2_32")
     ours = sum(count_params(block.attn) for block in model.blocks)
     keras_per_layer = 3 * (128 * 2 * 128 + 2 * 128) + (2 * 128 * 128 + 128)  # q, k, v and output

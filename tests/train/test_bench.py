@@ -1,4 +1,4 @@
-"""`cct bench --json`: one JSON document with every figure the speed issue asks for, in one process and in the
+"""`cct bench --json`: one JSON document with every figure of a speed comparison, in one process and in the
 torchrun layout of a recipe that trains with `processes: 2`."""
 
 import json
