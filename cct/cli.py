@@ -95,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .train import load_config, train
     from .train.config import check_crop_fits
     from .train.loop import check_resumable
-    from .train.runs import run_records
+    from .train.runs import resolve_weights, run_records
     from .train.state import claim_fresh_run_dir
 
     cfg = load_config(args.recipe, args.set or [])
@@ -112,6 +112,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     if not _under_torchrun():  # the launching process: once, before any worker starts
         ensure_dataset(cfg.dataset, ("train", dataset_info(cfg.dataset).eval_split), data_root,
                        download=args.download)
+        if cfg.init != "none" and not args.resume:  # fetched once, before any worker (a resume needs none)
+            resolve_weights(cfg.init)
     elif args.download:  # every process of a torchrun started by hand would download at once
         raise UsageError("--download under torchrun: let `cct train --nproc-per-node N` start the processes (it "
                          "downloads once, before them), or download the dataset first")
@@ -468,20 +470,16 @@ def _shown(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def _weights_source(args: argparse.Namespace) -> str | Path:
-    """CHECKPOINT, or the shipped weights named by --model and --pretrained TAG."""
+def _weights_source(args: argparse.Namespace) -> str:
+    """CHECKPOINT (anything `cct.train.runs.resolve_weights` accepts), or MODEL.TAG from --model and
+    --pretrained TAG (shipped weights or an official checkpoint)."""
     if args.pretrained is None:
         if args.checkpoint is None:
             raise UsageError("give a CHECKPOINT, or --model NAME --pretrained TAG for shipped weights")
         return args.checkpoint
-    from .models.registry import SHIPPED_WEIGHTS, shipped_weights
-
     if args.model is None:
         raise UsageError("--pretrained needs --model NAME")
-    path = shipped_weights(args.model, args.pretrained)
-    if path is None:
-        raise UsageError(f"no shipped weights {args.model}.{args.pretrained}; shipped: {', '.join(SHIPPED_WEIGHTS)}")
-    return path
+    return f"{args.model}.{args.pretrained}"
 
 
 def _decode(path: str):
@@ -614,9 +612,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("eval", cmd_eval, "evaluate a trained model (weights file or run directory) on a test split",
             "  cct eval runs/keras-example\n  cct eval runs/keras-example/best.safetensors --json --out report/")
     p.add_argument("checkpoint", nargs="?", help="a .safetensors weights file, a run directory, a Hub folder, "
-                   "or an official .pth")
+                   "an official .pth, hf-hub:ORG/NAME or MODEL.TAG")
     p.add_argument("--model", help="architecture name, for files that do not record it (official .pth)")
-    p.add_argument("--pretrained", metavar="TAG", help="use the shipped weights of --model, e.g. cifar10")
+    p.add_argument("--pretrained", metavar="TAG",
+                   help="use the weights TAG of --model (shipped, e.g. cifar10, or official)")
     p.add_argument("--dataset", help="dataset name (default: the one the model was trained on)")
     p.add_argument("--data-dir", help="folder holding the datasets (default: $CCT_DATA, then ./data)")
     p.add_argument("--download", action="store_true",
@@ -637,10 +636,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("predict", cmd_predict, "classify images with a trained model",
             "  cct predict runs/keras-example cat.jpg dog.png\n  cct predict model.safetensors *.jpg --topk 3 --json\n"
             "  cct predict --model cct_2_3x2_32 --pretrained cifar10 cat.jpg   # weights shipped in the package")
-    p.add_argument("images", nargs="+", help="CHECKPOINT (a weights file, run directory or Hub folder; omit it "
+    p.add_argument("images", nargs="+", help="CHECKPOINT (a weights file, run directory, Hub folder, "
+                   "hf-hub:ORG/NAME or MODEL.TAG; omit it "
                    "with --pretrained) followed by image files of any size or mode")
     p.add_argument("--model", help="architecture name, for files that do not record it")
-    p.add_argument("--pretrained", metavar="TAG", help="use the shipped weights of --model, e.g. cifar10")
+    p.add_argument("--pretrained", metavar="TAG",
+                   help="use the weights TAG of --model (shipped, e.g. cifar10, or official)")
     p.add_argument("--topk", type=_at_least(1), default=5)
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
@@ -672,11 +673,13 @@ def build_parser() -> argparse.ArgumentParser:
             "  cct export runs/keras-example --format torchscript -o cct2.pt\n"
             "  cct export runs/keras-example --format hub -o hub/cct2-cifar10\n"
             "  cct export --model cct_2_3x2_32 --pretrained cifar10 --format onnx -o cct2.onnx")
-    p.add_argument("checkpoint", nargs="?", help="a .safetensors weights file or a run directory")
+    p.add_argument("checkpoint", nargs="?", help="a .safetensors weights file, a run directory, a Hub folder, "
+                   "hf-hub:ORG/NAME or MODEL.TAG")
     p.add_argument("--format", required=True, choices=("onnx", "pt2", "safetensors", "torchscript", "hub"))
     p.add_argument("-o", "--output", required=True, help="output file (a new folder for --format hub)")
     p.add_argument("--model", help="architecture name, for files that do not record it")
-    p.add_argument("--pretrained", metavar="TAG", help="export the shipped weights of --model, e.g. cifar10")
+    p.add_argument("--pretrained", metavar="TAG",
+                   help="export the weights TAG of --model (shipped, e.g. cifar10, or official)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     p = add("push", cmd_push, "upload a trained model to the Hugging Face Hub (needs a network and a token)",

@@ -132,7 +132,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) 
     return state_dict
 
 
-def _describe_mismatch(state_dict: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> str | None:
+def describe_mismatch(state_dict: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> str | None:
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     wrong = [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
@@ -146,7 +146,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load weights from `path` into `model` (in place), adapting official keys, resolution and head.
     A checkpoint that does not fit raises CCTError naming the first mismatched keys and shapes."""
     state_dict = checkpoint_filter_fn(read_state_dict(path), model)
-    problem = _describe_mismatch(state_dict, model.state_dict())
+    problem = describe_mismatch(state_dict, model.state_dict())
     if problem:
         name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
         raise CCTError(f"checkpoint {path} does not fit {name}: {problem}")

@@ -38,7 +38,9 @@ def create_model(name: str | None = None, num_classes: int | None = None, img_si
                  **kwargs: Any) -> CCT:
     """Build a named variant, optionally with another class count / input size and weights from `checkpoint`
     (our safetensors or an official `.pth`; position tables are resampled, a head of another class count is
-    re-initialised with a warning). `stochastic_depth` is "droppath" (per sample, as the paper) or "skip"
+    re-initialised with a warning). `name` may carry a timm-style tag (`cct_7_3x1_32.official_cifar10_300ep`),
+    which `pretrained=True` loads: shipped weights, or an official checkpoint downloaded and checked by
+    `cct.models.pretrained`. `stochastic_depth` is "droppath" (per sample, as the paper) or "skip"
     (per batch, the dropped branch is not computed at all). `pretrained` may also be the path of a Hub model
     folder (see `cct.models.hub`), in which case `name` may be omitted."""
     if isinstance(pretrained, str | os.PathLike) and Path(pretrained).is_dir():
@@ -48,7 +50,7 @@ def create_model(name: str | None = None, num_classes: int | None = None, img_si
         return model
     if name is None:
         raise UsageError("create_model needs a model name (or pretrained=<Hub folder>)")
-    check_model_name(name)
+    check_model_name(name.split(".", 1)[0])  # a timm-style `model.tag` names one of its weights
     pretrained = bool(pretrained)
     if stochastic_depth not in ("droppath", "skip"):
         raise UsageError(f"stochastic_depth must be 'droppath' or 'skip', got {stochastic_depth!r}")

@@ -34,9 +34,48 @@ def is_hub_folder(path: str | os.PathLike) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
+HUB_PREFIX = "hf-hub:"
+HUB_FILES = ("config.json", "model.safetensors", "README.md")
+
+
+def weights_of_hub_folder(path: str | os.PathLike) -> Path:
+    """The `model.safetensors` of a Hub folder; a folder with pickled weights only (`pytorch_model.bin`) is
+    refused, like any file that could run code when loaded."""
+    weights = Path(path) / "model.safetensors"
+    if not weights.is_file():
+        raise CCTError(f"{path} holds no model.safetensors: pickled weights (pytorch_model.bin) are not loaded")
+    return weights
+
+
+def download_hub_model(repo_id: str) -> Path:
+    """The local snapshot of the Hub model `repo_id` (`ORG/NAME`), through huggingface_hub's cache.
+
+    Only the files a cct model folder has are fetched (never a pickle); `HF_HUB_OFFLINE=1` uses the cache alone.
+
+    Args:
+        repo_id: the Hub repository, `ORG/NAME`.
+
+    Returns:
+        The snapshot folder.
+    """
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=list(HUB_FILES)))
+    except Exception as e:  # offline, missing repo, auth and HTTP errors come as many different types
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise CCTError(f"cannot fetch {HUB_PREFIX}{repo_id} from the Hugging Face Hub ({type(e).__name__}): "
+                       f"{reason}") from None
+    if not is_hub_folder(folder):
+        raise CCTError(f"{HUB_PREFIX}{repo_id} is not a model folder: it has no config.json")
+    weights_of_hub_folder(folder)
+    return folder
+
+
 def load_hub_folder(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """Build the model of a Hub folder through timm's own `local-dir:` loader; return it (eval) and metadata."""
     path = Path(path)
+    weights_of_hub_folder(path)
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -67,6 +106,9 @@ def _model_card(model: nn.Module, meta: dict[str, Any], summary: dict[str, Any] 
         accuracy = "not recorded: measure it with `cct eval <this folder> --dataset NAME`"
     recipe_text = json.dumps(recipe, indent=2) if recipe else "not recorded"
     classes = ", ".join(meta["classes"][:20]) + (" ..." if len(meta["classes"]) > 20 else "")
+    init = next((v for v in ((summary or {}).get("init"), (recipe or {}).get("init")) if v and v != "none"), None)
+    origin = f"fine-tuned from the weights `{init}`" if init else "trained from scratch"
+    init_text = f"`{init}`" if init else "random (from scratch)"
     return f"""---
 license: apache-2.0
 library_name: timm
@@ -75,7 +117,7 @@ datasets: [{meta.get('dataset') or 'unknown'}]
 ---
 # {name} trained with cct
 
-A Compact Convolutional Transformer (Hassani et al., 2021) trained from scratch with
+A Compact Convolutional Transformer (Hassani et al., 2021) {origin} with
 [cct](https://pypi.org/project/compact-transformers/) (`pip install compact-transformers`).
 
 | | |
@@ -87,6 +129,7 @@ A Compact Convolutional Transformer (Hassani et al., 2021) trained from scratch 
 | classes | {len(meta['classes'])}: {classes} |
 | data | {meta.get('dataset') or 'unknown'} |
 | accuracy | {accuracy} |
+| initial weights | {init_text} |
 
 ## Use
 

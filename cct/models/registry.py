@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
 
 from .cct import CCT
 from .checkpoint import checkpoint_filter_fn
+from .pretrained import OFFICIAL_URL, OFFICIAL_WEIGHTS, load_official
 
 # Encoder sizes of the paper: layers, heads, MLP ratio, width.
 ENCODER_SIZES: dict[int, dict[str, Any]] = {
@@ -110,13 +111,27 @@ def shipped_weights(model: str, tag: str | None = None) -> Path | None:
 
 
 def _cfgs() -> dict[str, dict[str, Any]]:
+    """Every variant's tags: shipped weights first (the default tag where there are any), then the official
+    checkpoints (their `url` as published; `load_official` fetches and checks them), else an untagged entry."""
     cfgs: dict[str, dict[str, Any]] = {}
     for name, arch in VARIANTS.items():
         tagged = {key: dict(_pretrained_cfg(arch), file=str(WEIGHTS_DIR / file))
                   for key, file in SHIPPED_WEIGHTS.items()
                   if key.split(".")[0] == name and (WEIGHTS_DIR / file).is_file()}
+        tagged.update({key: dict(_pretrained_cfg(arch), url=f"{OFFICIAL_URL}/{weights.path}",
+                                 origin_url="https://github.com/SHI-Labs/Compact-Transformers")
+                       for key, weights in OFFICIAL_WEIGHTS.items() if key.split(".")[0] == name})
         cfgs.update(tagged or {name: _pretrained_cfg(arch)})
     return cfgs
+
+
+def official_key(name: str, tag: str | None) -> str | None:
+    """The `OFFICIAL_WEIGHTS` key that `timm.create_model(name[.tag], pretrained=True)` loads, if any."""
+    if not tag:
+        default = get_pretrained_cfg(name)
+        tag = default.tag if default is not None else None
+    key = f"{name}.{tag}"
+    return key if key in OFFICIAL_WEIGHTS else None
 
 
 # timm reads this module-level table when the entrypoints below are registered.
@@ -128,8 +143,15 @@ def _register(name: str) -> None:
         # features_only models are the model itself behind timm's getter, which calls forward_intermediates
         # (every block by default: the small variants have fewer blocks than timm's default of the last 4)
         feature_cfg = dict(feature_cls="getter", out_indices=VARIANTS[name]["depth"])
-        return build_model_with_cfg(CCT, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                    feature_cfg=feature_cfg, **{**VARIANTS[name], **kwargs})
+        # timm passes the requested tag as `pretrained_cfg`; official checkpoints are fetched and checked here
+        # rather than by timm's downloader (which neither checks a SHA-256 nor deletes a bad file)
+        tag = kwargs.get("pretrained_cfg")
+        by_tag = (tag is None or isinstance(tag, str)) and not kwargs.get("pretrained_cfg_overlay")
+        official = official_key(name, tag) if pretrained and by_tag else None
+        model = build_model_with_cfg(CCT, name, pretrained and official is None,
+                                     pretrained_filter_fn=checkpoint_filter_fn, feature_cfg=feature_cfg,
+                                     **{**VARIANTS[name], **kwargs})
+        return load_official(model, official) if official else model
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__module__ = __name__

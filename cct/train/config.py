@@ -31,6 +31,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "crop": ("pad", "resized", "none"),
     "on_nan": ("stop", "skip"),
     "flowers_split": ("official", "cct"),
+    "freeze": ("none", "tokenizer", "backbone"),
 }
 
 
@@ -48,6 +49,8 @@ class Config:
         seed: the seed of the weights, the data order and every augmentation draw.
         precision: the autocast of training and evaluation: `auto` (bf16 where the device computes it natively,
             else fp32: `cct.train.precision.resolve_precision`), `bf16`, `fp16` (CUDA only) or `fp32`.
+        init: the weights training starts from (`none`: random), named as every command names weights
+            (`cct.train.runs.resolve_weights`); `freeze`, `layer_decay` and `head_lr_scale` shape fine-tuning.
         The other fields (schedule, optimiser, regularisation, augmentation, evaluation, checkpoints) are
         commented where they are declared below.
     """
@@ -62,6 +65,14 @@ class Config:
     val_fraction: float = 0.1  # folder datasets without a val/ split
     strict_images: bool = False  # a bad image file is fatal instead of skipped
     workers: int = 4  # DataLoader workers for file datasets
+    # initial weights (fine-tuning): what `cct.train.runs.resolve_weights` accepts, e.g. `cct_2_3x2_32.cifar10_keras`,
+    # a weights file, a run directory, a Hub folder or `hf-hub:ORG/NAME`; `none`: random weights
+    init: str = "none"
+    # `tokenizer`: the convolutions stay as loaded; `backbone`: a linear probe, only the head trains (the
+    # sequence pooling is part of the features: frozen too)
+    freeze: str = "none"
+    layer_decay: float | None = None  # each block's LR is this times the next one's (timm's layer-wise decay)
+    head_lr_scale: float = 1.0  # the head's LR multiplier (a re-initialised head may learn faster)
     # schedule and optimiser
     epochs: int = 300
     batch_size: int = 128  # per process and micro-batch
@@ -163,9 +174,9 @@ _AT_LEAST = {
                      "checkpoint_every_steps", "threads", "low_res_size", "processes",
                      "accumulate_steps"), 1),
 }
-_POSITIVE = ("lr", "grad_clip")
+_POSITIVE = ("lr", "grad_clip", "head_lr_scale")
 _FRACTIONS = ("drop_path_rate", "drop_rate", "attn_drop_rate", "label_smoothing", "momentum", "val_fraction")
-_PROBABILITIES = ("hflip", "mix_prob", "switch_prob", "erasing", "ema_decay")
+_PROBABILITIES = ("hflip", "mix_prob", "switch_prob", "erasing", "ema_decay", "layer_decay")
 _LARGEST_INT = 2**31 - 1  # seeds and thread counts beyond this overflow torch's C integers
 
 

@@ -18,7 +18,7 @@ from .config import Config
 from .loop import compile_for_inference, configure_for_device, evaluate
 from .precision import resolve_precision
 from .report import plot_confusion
-from .runs import load_trained, run_records
+from .runs import load_trained, resolve_weights, run_records
 
 _SPLIT_OPTIONS = ("val_fraction", "seed", "flowers_split")
 
@@ -47,7 +47,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
     """Evaluate a trained model on a dataset's held-out split: top-1, top-5, loss and per-class accuracy.
 
     Args:
-        checkpoint: a weights file, a run directory, a Hub folder or an official `.pth` (see `load_trained`).
+        checkpoint: a weights file, a run directory, a Hub folder, an official `.pth`, `hf-hub:ORG/NAME` or
+            `MODEL.TAG` (see `resolve_weights`).
         dataset: the dataset to measure on (default: the one the model was trained on). On its own dataset a
             run is measured on the split it held out itself (its `val_fraction`, `seed`, `flowers_split`).
         model_name: the architecture, for files that do not record it.
@@ -68,7 +69,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
     """
     if out is not None:
         _make_folder(Path(out))
-    model, meta = load_trained(checkpoint, model_name)
+    checkpoint, named_model = resolve_weights(checkpoint)  # once: a remote source is fetched here
+    model, meta = load_trained(checkpoint, model_name or named_model)
     dataset = dataset or meta.get("dataset")
     if not dataset:
         raise UsageError("the checkpoint does not name its dataset: pass --dataset NAME")

@@ -37,6 +37,7 @@ from ..models.checkpoint import model_metadata
 from ..models.complexity import count_params
 from . import distributed as dist
 from .config import Config, check_crop_fits, config_to_dict
+from .finetune import initialise, optimizer_params
 from .precision import resolve_precision
 from .report import MetricsLog, Progress
 from .state import RunLock, atomic_write_text, load_state, restoring_state, save_state, save_weights
@@ -246,19 +247,20 @@ class Engine:
     """
 
     def __init__(self, cfg: Config, num_classes: int, img_size: int, mean, std, in_memory: bool,
-                 device: torch.device):
+                 device: torch.device, load_init: bool = True):
         precision, self.precision_reason = resolve_precision(cfg.precision, device)
         self.cfg = cfg = dataclasses.replace(cfg, precision=precision)
         self.device = device
         self.model = create_model(cfg.model, num_classes=num_classes, img_size=img_size,
                                   drop_path_rate=cfg.drop_path_rate, stochastic_depth=cfg.stochastic_depth,
                                   drop_rate=cfg.drop_rate, attn_drop_rate=cfg.attn_drop_rate)
+        initialise(self.model, cfg, load_weights=load_init)  # before the optimizer: frozen parameters stay out
         self.model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
         configure_for_device(self.model, device, cfg.precision)
         # fused=True: one kernel per step instead of a Python loop over parameters (PyTorch's default on a CPU);
         # +3-4% training img/s for cct_2_3x2_32 on 2 cores (one-off A/B in one process), same update rule.
-        self.optimizer = create_optimizer_v2(self.model, opt=cfg.optimizer, lr=cfg.lr, fused=True,
-                                             weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+        self.optimizer = create_optimizer_v2(optimizer_params(self.model, cfg), opt=cfg.optimizer, lr=cfg.lr,
+                                             fused=True, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         # DDP first: its constructor broadcasts rank 0's initial weights, which the EMA copy must start from.
         forward = dist.wrap_ddp(self.model, find_unused=cfg.stochastic_depth == "skip")
@@ -282,6 +284,7 @@ class Engine:
             for mixing in (True, False)}
         self.augment_device = device if has_float64(device) else torch.device("cpu")
         self.generator = torch.Generator(self.augment_device)
+        self.base_lr = cfg.lr  # the schedule's LR of the last step, before each group's `lr_scale`
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -297,8 +300,9 @@ class Engine:
         k-th of the activation memory. A non-finite loss or gradient changes nothing (no update) and is
         returned as a non-finite loss for the caller to act on."""
         cfg = self.cfg
+        self.base_lr = lr
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         self.generator.manual_seed(step_seed(cfg.seed, step, dist.rank()))
         torch.manual_seed(step_seed(cfg.seed, step, dist.rank()) + 1)  # dropout masks
         parts = list(zip(images.chunk(cfg.accumulate_steps), labels.chunk(cfg.accumulate_steps), strict=True))
@@ -432,7 +436,8 @@ def train(cfg: Config, run_dir: Path, data_root: Path | None = None, resume: boo
 
 # What the saved weights and optimiser state are shaped by, and what a saved step means (it counts global
 # batches of the training set): a resumed run must keep them.
-_FIXED_ON_RESUME = ("model", "dataset", "img_size", "optimizer", "batch_size", "accumulate_steps", "train_samples")
+_FIXED_ON_RESUME = ("model", "dataset", "img_size", "optimizer", "batch_size", "accumulate_steps", "train_samples",
+                    "init", "freeze", "layer_decay", "head_lr_scale")
 
 
 def check_resumable(cfg: Config, saved: dict[str, Any], run_dir: Path) -> None:
@@ -514,7 +519,8 @@ def _start(cfg: Config, run_dir: Path, data_root: Path | None, resume: bool, dev
         raise CCTError(f"{num_train} training images are fewer than one batch of {cfg.batch_size} x "
                        f"{cfg.accumulate_steps} accumulated x {dist.world_size()} process(es): lower batch_size")
     torch.manual_seed(cfg.seed)  # the initial weights
-    engine = Engine(cfg, len(train_ds.classes), img_size, info.mean, info.std, info.in_memory, dev)
+    engine = Engine(cfg, len(train_ds.classes), img_size, info.mean, info.std, info.in_memory, dev,
+                    load_init=state is None)
     cfg = engine.cfg  # the precision that runs (config.yaml and summary.json record it)
     run = _Run(cfg=cfg, run_dir=run_dir, device=dev, rank0=dist.rank() == 0, engine=engine,
                train_source=train_source, eval_source=eval_source, mean=info.mean, std=info.std,
@@ -617,7 +623,7 @@ def _evaluate_and_log(run: _Run, epoch: int) -> None:
     result = evaluate(run.engine.eval_model, run.eval_source, run.mean, run.std, run.cfg, run.device,
                       run.num_classes)
     totals = dist.reduce_floats([stats.loss_sum, stats.correct, stats.seen, stats.skipped])
-    row = dict(epoch=epoch, step=run.step, lr=run.engine.optimizer.param_groups[0]["lr"],
+    row = dict(epoch=epoch, step=run.step, lr=run.engine.base_lr,
                train_loss=totals[0] / max(totals[2], 1), train_top1=100 * totals[1] / max(totals[2], 1),
                test_loss=result["loss"], test_top1=result["top1"], test_top5=result["top5"],
                img_per_s=totals[2] / max(stats.seconds, 1e-9), seconds=round(run.train_seconds, 2),
@@ -659,7 +665,7 @@ def _summary(run: _Run, final: dict[str, float]) -> dict[str, Any]:
         img_per_s=round(run.num_train * (run.step / max(spe, 1)) / max(run.train_seconds, 1e-9), 1),
         device=f"cpu ({cpu_name()})" if dev.type == "cpu" else str(dev), threads=torch.get_num_threads(),
         torch=torch.__version__, git_commit=_git_commit(), skipped_images=sum(r.get("skipped", 0) for r in run.history),
-        seed=cfg.seed, nan_steps_skipped=sum(r.get("nan_steps", 0) for r in run.history))
+        seed=cfg.seed, nan_steps_skipped=sum(r.get("nan_steps", 0) for r in run.history), init=cfg.init)
 
 
 def _finish(run: _Run) -> dict[str, Any]:

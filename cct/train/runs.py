@@ -1,5 +1,6 @@
-"""Trained models as users name them: a weights file, a run directory (its weights, `config.yaml` and
-`summary.json`), shipped weights with their record beside them, or a Hub folder."""
+"""Trained models as users name them, one way for every command and for `--set init=`: a weights file (ours or
+an official `.pth`), a run directory (its weights, `config.yaml` and `summary.json`), a Hub model folder,
+`hf-hub:ORG/NAME`, or `MODEL.TAG` (weights shipped in the package, or an official checkpoint, downloaded)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ from torch import nn
 
 from ..errors import CCTError, UsageError
 from ..models import create_model
-from ..models.checkpoint import is_pytorch_file, read_metadata
+from ..models.checkpoint import is_pytorch_file, load_checkpoint, read_metadata
 from ..models.export import FORMATS, export_model
-from ..models.hub import is_hub_folder, load_hub_folder
+from ..models.factory import list_models
+from ..models.hub import HUB_PREFIX, download_hub_model, is_hub_folder, load_hub_folder, weights_of_hub_folder
+from ..models.pretrained import OFFICIAL_WEIGHTS, fetch_official
+from ..models.registry import SHIPPED_WEIGHTS, official_key, shipped_weights
 
 WEIGHT_FILES = ("best.safetensors", "last.safetensors", "model.safetensors")
 
@@ -41,16 +45,68 @@ def resolve_weights_path(path: str | os.PathLike) -> Path:
     return path
 
 
-def load_trained(path: str | os.PathLike, model_name: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a trained model from a cct weights file, a run directory or a Hub folder.
+def _named_weights(name: str) -> tuple[Path, str] | None:
+    """The file of `MODEL.TAG` (or `MODEL`, its default tag): shipped, else official (downloaded, checked)."""
+    model, _, tag = name.partition(".")
+    if model not in list_models():
+        return None
+    shipped = shipped_weights(model, tag or None)
+    if shipped is not None:
+        return shipped, model
+    key = official_key(model, tag or None)
+    if key is None:
+        return None
+    return fetch_official(key, create_model(model)), model
+
+
+def resolve_weights(source: str | os.PathLike) -> tuple[Path, str | None]:
+    """Where the weights a user names are on this machine, fetching them first where they are remote.
 
     Args:
-        path: a `.safetensors` weights file, a run directory, a Hub folder or an official `.pth`.
+        source: a weights file, a run directory, a Hub folder, `hf-hub:ORG/NAME` (through huggingface_hub's
+            cache) or `MODEL.TAG` (shipped weights, or an official checkpoint downloaded into torch hub's cache).
+
+    Returns:
+        The local file or folder, and the architecture where the name gives it (`MODEL.TAG`), else None.
+    """
+    text = str(source)
+    if text.startswith(HUB_PREFIX):
+        return download_hub_model(text[len(HUB_PREFIX):]), None
+    if Path(source).exists():
+        return Path(source), None
+    named = _named_weights(text)
+    if named is None:
+        tags = sorted({*SHIPPED_WEIGHTS, *OFFICIAL_WEIGHTS})
+        raise CCTError(f"weights {text!r} not found: give a weights file, a run directory, a Hub folder, "
+                       f"hf-hub:ORG/NAME or MODEL.TAG (one of {', '.join(tags)})")
+    return named
+
+
+def load_weights_into(model: nn.Module, source: str | os.PathLike) -> nn.Module:
+    """Load the weights `source` names (see `resolve_weights`) into `model`, in place: official keys converted,
+    position tables resampled to its input size, a head of another class count re-initialised (one warning);
+    anything else that does not fit is a one-line CCTError naming the keys."""
+    path, _ = resolve_weights(source)
+    return load_checkpoint(model, weights_of_hub_folder(path) if is_hub_folder(path) else resolve_weights_path(path))
+
+
+def load_trained(source: str | os.PathLike, model_name: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a trained model from what `resolve_weights` accepts.
+
+    Args:
+        source: a `.safetensors` weights file, a run directory, a Hub folder, an official `.pth`,
+            `hf-hub:ORG/NAME` or `MODEL.TAG`.
         model_name: the architecture, for files without metadata (official `.pth`, bare state dicts).
 
     Returns:
         The model (eval mode) and its metadata (`model`, `classes`, `mean`, `std`, and what the file records).
     """
+    path, named_model = resolve_weights(source)
+    return _load_local(path, model_name or named_model)
+
+
+def _load_local(path: Path, model_name: str | None) -> tuple[nn.Module, dict[str, Any]]:
+    """`load_trained` of a local file or folder."""
     if is_hub_folder(path):
         return load_hub_folder(path)
     path = resolve_weights_path(path)
@@ -148,7 +204,7 @@ def export_trained(checkpoint: str | os.PathLike, fmt: str, output: Path, model_
     a Hub folder also carries the run's record (summary and recipe) in its model card.
 
     Args:
-        checkpoint: what `load_trained` accepts.
+        checkpoint: what `resolve_weights` accepts.
         fmt: one of `cct.models.export.FORMATS`.
         output: the file (or, for "hub", the new folder) to write.
         model_name: the architecture, for files that do not record it.
@@ -160,6 +216,7 @@ def export_trained(checkpoint: str | os.PathLike, fmt: str, output: Path, model_
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
     check_export_target(checkpoint, fmt, output, overwrite)
-    model, meta = load_trained(checkpoint, model_name)
-    summary, recipe = run_records(Path(checkpoint)) if fmt == "hub" else (None, None)
+    path, named_model = resolve_weights(checkpoint)
+    model, meta = _load_local(path, model_name or named_model)
+    summary, recipe = run_records(path) if fmt == "hub" else (None, None)
     return export_model(model, meta, fmt, output, summary=summary, recipe=recipe)

@@ -184,6 +184,9 @@ def test_every_bundled_recipe_builds_model_and_data(recipe, data_root, tmp_path,
         prepare_dataset("imagenet", 72, cfg.dataset.removeprefix("prepared:"), root=root, workers=0)
     args = ["train", recipe, "--data-dir", str(root), "--set", "epochs=0", "--set", "workers=0",
             "--set", "eval_samples=100", "--set", "processes=1", "--out", str(tmp_path / "run")]
+    if cfg.dataset.startswith("folder:"):  # a recipe for the user's own images
+        _tiny_trees(tmp_path / "data")
+        args += ["--set", f"dataset=folder:{tmp_path / 'data' / 'imagenet'}"]
     if cfg.img_size and cfg.img_size > 32:
         args += ["--set", "img_size=64", "--set", "eval_batch_size=64"]
     assert main(args) == 0

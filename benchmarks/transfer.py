@@ -1,0 +1,157 @@
+"""Transfer to a small image folder, measured on real images, built from CIFAR-10 alone.
+
+1. Pre-train `cct_2_3x2_32` on CIFAR-10's six animal classes (bird, cat, deer, dog, frog, horse: 30,000 training
+   images, tested on their 6,000 test images) with the `keras-example` recipe for a short schedule.
+2. Adapt to the four vehicle classes (airplane, automobile, ship, truck), which the pre-training never saw, from
+   100 training images per class written as an image folder of PNGs, exactly as a user's own folder would be;
+   measured on the 4,000 CIFAR-10 test images of those classes.
+3. Compare, at the same budget (the `finetune` recipe's schedule, same epochs and steps), three seeds each:
+   * scratch: random weights (learning rate 1e-3, the from-scratch rate of `keras-example`);
+   * fine-tuned: `init` = the pre-trained weights, the `finetune` recipe as shipped;
+   * linear probe: the same weights with `freeze=backbone` (only the head trains; learning rate 1e-3, since
+     a probe's head alone starts from zero).
+
+Every run goes through the library's own training (`cct.train.train`), so the figures are what
+`cct train finetune --set dataset=folder:... --set init=...` gives.
+
+    python benchmarks/transfer.py [--data-dir DIR] [--quick]
+
+writes `benchmarks/results/transfer/results.json` and `results.md` (a Markdown table: mean and standard deviation
+of the final top-1 over the seeds). `--quick` checks the whole path in a minute (a few images, one epoch each)
+and writes into a temporary folder unless `--out` is given: its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from cct.data.datasets import build_dataset
+from cct.train import load_config, train
+from cct.train.loop import cpu_name
+
+ANIMALS = ("bird", "cat", "deer", "dog", "frog", "horse")
+VEHICLES = ("airplane", "automobile", "ship", "truck")
+MODES = {
+    "scratch": ["init=none", "lr=1.0e-3", "head_lr_scale=1.0"],
+    "fine-tuned": [],  # init is set to the pre-trained run
+    "linear probe": ["freeze=backbone", "lr=1.0e-3", "head_lr_scale=1.0"],
+}
+RESULTS = Path(__file__).resolve().parent / "results" / "transfer"
+
+
+def write_folder(split, classes: tuple[str, ...], folder: Path, per_class: int | None, seed: int) -> int:
+    """Write the images of `classes` from a CIFAR split as `folder/<class>/<n>.png`: `per_class` of each drawn
+    at random with `seed` (all where None). Returns the number written."""
+    generator = torch.Generator().manual_seed(seed)
+    written = 0
+    for name in classes:
+        indices = (split.labels == split.classes.index(name)).nonzero().flatten()
+        if per_class is not None:
+            indices = indices[torch.randperm(len(indices), generator=generator)[:per_class]]
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in indices.tolist():
+            Image.fromarray(split.images[i].permute(1, 2, 0).numpy()).save(folder / name / f"{i}.png")
+        written += len(indices)
+    return written
+
+
+def build_folders(data_dir: Path | None, work: Path, quick: bool) -> dict[str, int]:
+    """The two image trees (`animals/` and `vehicles/`, each with train/ and val/); returns their sizes."""
+    train_split, test_split = build_dataset("cifar10", "train", data_dir), build_dataset("cifar10", "test", data_dir)
+    pretrain_train, pretrain_test = (50, 20) if quick else (None, None)
+    vehicle_test = 20 if quick else None
+    return {
+        "animals/train": write_folder(train_split, ANIMALS, work / "animals" / "train", pretrain_train, 0),
+        "animals/val": write_folder(test_split, ANIMALS, work / "animals" / "val", pretrain_test, 0),
+        "vehicles/train": write_folder(train_split, VEHICLES, work / "vehicles" / "train", 100, 0),
+        "vehicles/val": write_folder(test_split, VEHICLES, work / "vehicles" / "val", vehicle_test, 0),
+    }
+
+
+def run(recipe: str, overrides: list[str], run_dir: Path) -> dict:
+    """One training run through the library; returns its summary."""
+    return train(load_config(recipe, overrides), run_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, help="folder holding cifar-10-batches-py (default: $CCT_DATA)")
+    parser.add_argument("--out", type=Path, help=f"results folder (default: {RESULTS}; --quick: a temporary one)")
+    parser.add_argument("--work", type=Path, help="folder for the image trees and runs (default: temporary)")
+    parser.add_argument("--pretrain-epochs", type=int, default=6, help="pre-training epochs on the animals")
+    parser.add_argument("--epochs", type=int, default=30, help="adaptation epochs (every mode)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2, help="image decoding workers")
+    parser.add_argument("--quick", action="store_true", help="a minute-long check of the whole path")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.pretrain_epochs, args.epochs = 1, 1
+    out = args.out or (Path(tempfile.mkdtemp(prefix="transfer-quick-")) if args.quick else RESULTS)
+    work = args.work or Path(tempfile.mkdtemp(prefix="transfer-work-"))
+    try:
+        measure(args, work, out)
+    finally:
+        if args.work is None:  # tens of thousands of PNGs and nine runs
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def measure(args: argparse.Namespace, work: Path, out: Path) -> None:
+    """Build the folders in `work`, pre-train, adapt in every mode and seed, write the results into `out`."""
+    tic = time.perf_counter()
+
+    sizes = build_folders(args.data_dir, work, args.quick)
+    print(f"image folders in {work}: {sizes} ({time.perf_counter() - tic:.0f} s)", flush=True)
+    common = [f"workers={args.workers}", "processes=1"]
+    pretrained = work / "runs" / "pretrain"
+    pretrain = run("keras-example", [f"dataset=folder:{work / 'animals'}", "img_size=32", "scale=[0.35, 1.0]",
+                                     f"epochs={args.pretrain_epochs}", f"eval_every={args.pretrain_epochs}",
+                                     *common], pretrained)
+    print(f"pre-trained on the animals: {pretrain['final_top1']:.2f}% top-1 "
+          f"({pretrain['train_seconds']:.0f} s)", flush=True)
+
+    runs = []
+    for mode, overrides in MODES.items():
+        for seed in range(args.seeds):
+            init = [] if mode == "scratch" else [f"init={pretrained / 'last.safetensors'}"]
+            summary = run("finetune", [f"dataset=folder:{work / 'vehicles'}", f"epochs={args.epochs}",
+                                       f"eval_every={args.epochs}", f"seed={seed}", *common, *init, *overrides],
+                          work / "runs" / f"{mode.replace(' ', '-')}-{seed}")
+            runs.append(dict(mode=mode, seed=seed, top1=summary["final_top1"], top5=summary["final_top5"],
+                             train_seconds=summary["train_seconds"]))
+            print(f"{mode:<13} seed {seed}: {summary['final_top1']:.2f}% top-1", flush=True)
+
+    table = {mode: [r["top1"] for r in runs if r["mode"] == mode] for mode in MODES}
+    result = dict(
+        quick=args.quick, pretrain=dict(classes=ANIMALS, epochs=args.pretrain_epochs, top1=pretrain["final_top1"],
+                                        train_seconds=pretrain["train_seconds"]),
+        target=dict(classes=VEHICLES, train_per_class=100, epochs=args.epochs, seeds=args.seeds), images=sizes,
+        modes={mode: dict(overrides=MODES[mode], mean_top1=statistics.mean(v),
+                          std_top1=statistics.stdev(v) if len(v) > 1 else 0.0) for mode, v in table.items()},
+        runs=runs, cpu=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__,
+        python=platform.python_version(), seconds=round(time.perf_counter() - tic, 1))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = ["| start | top-1 on the 4 vehicle classes (mean ± sd over seeds) |", "|---|---|"]
+    lines += [f"| {mode} | {m['mean_top1']:.2f} ± {m['std_top1']:.2f} % |" for mode, m in result["modes"].items()]
+    lines += ["", f"cct_2_3x2_32 pre-trained {args.pretrain_epochs} epochs on CIFAR-10's 6 animal classes "
+              f"({pretrain['final_top1']:.2f}% top-1 on their test images); adapted {args.epochs} epochs on 100 "
+              f"images per vehicle class; {args.seeds} seeds; {cpu_name()}, {torch.get_num_threads()} threads."]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
