@@ -354,10 +354,12 @@ def _model_for_images(args: argparse.Namespace):
         args.checkpoint, args.images = args.images[0], args.images[1:]
     else:
         args.checkpoint = None
+    from .kernels import accelerate
     from .train.runs import load_trained
 
     _retain_freed_memory(_device("cpu"))
-    return load_trained(_weights_source(args), args.model)
+    model, meta = load_trained(_weights_source(args), args.model)
+    return accelerate(model), meta  # its kernels run where they apply (bf16); PyTorch's run elsewhere
 
 
 def _read_images(paths: list[str], img_size: int) -> tuple[list, list[str]]:

@@ -1,8 +1,8 @@
 """Batched training augmentation: every op runs on the whole batch, each image with its own random draw.
 
 Why not `torchvision.transforms.v2` per image: on a CPU the per-image Python transforms cost more than the
-model itself (a per-image RandAugment takes ~33 ms for 128 CIFAR images on a 2-core machine, the whole
-training step of the smallest CCT ~90 ms), and they need DataLoader worker processes to hide that cost. Here
+model itself (a per-image RandAugment of a CIFAR batch takes about a third of the smallest CCT's training step;
+docs/cpu-speed.md), and they need DataLoader worker processes to hide that cost. Here
 each op is a handful of tensor kernels over the batch (or over the subset of the batch that drew it,
 gathered with `index_select` and scattered back with `index_copy_`), so the full CIFAR pipeline (crop,
 flip, AutoAugment, Mixup/CutMix, random erasing, normalise) costs a few milliseconds per batch and runs on

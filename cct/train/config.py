@@ -51,8 +51,9 @@ class Config:
             else fp32: `cct.train.precision.resolve_precision`), `bf16`, `fp16` (CUDA only) or `fp32`.
         init: the weights training starts from (`none`: random), named as every command names weights
             (`cct.train.runs.resolve_weights`); `freeze`, `layer_decay` and `head_lr_scale` shape fine-tuning.
-        The other fields (schedule, optimiser, regularisation, augmentation, evaluation, checkpoints) are
-        commented where they are declared below.
+
+    The other fields (schedule, optimiser, regularisation, augmentation, evaluation, checkpoints) are
+    commented where they are declared below.
     """
 
     # what to train on

@@ -80,12 +80,9 @@ def wrap_ddp(model: torch.nn.Module, find_unused: bool) -> torch.nn.Module:
 
     `find_unused` is set for `skip` stochastic depth. Every rank skips the same branches in a step (seeded per
     step), so the skipped branches' parameters get no gradient anywhere; plain DDP (find_unused=False) then
-    fails ("Expected to have finished reduction in the prior iteration"). Two remedies were measured on the
-    2-core CPU (cct_4_3x2_32, drop_path_rate 0.5, fp32, 64 images per rank, 2 gloo ranks x 1 thread, 40 steps
-    after 3 warm-up, two alternating runs each, a busy machine):
-      find_unused_parameters=True                         491 and 456 ms/step
-      find_unused=False + `0 * sum(branch params)` added  526 and 489 ms/step
-    The first is also the correct one: DDP leaves a parameter unused on every rank with grad None, so AdamW
+    fails ("Expected to have finished reduction in the prior iteration"). Of the two remedies,
+    `find_unused_parameters=True` measured faster than adding `0 * sum(branch params)` (docs/cpu-speed.md),
+    and it is also the correct one: DDP leaves a parameter unused on every rank with grad None, so AdamW
     skips it exactly as in one process; the zero gradient makes AdamW apply weight decay and its momentum to
     the skipped branch (weights 0.053 apart after 43 steps). tests/train/test_distributed.py checks that
     2 ranks match 1 process with skipped branches. Its cost is one traversal of the autograd graph per step.

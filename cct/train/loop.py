@@ -14,6 +14,7 @@ import math
 import platform
 import subprocess
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,10 +120,9 @@ def configure_for_device(model: torch.nn.Module, device: torch.device, precision
 def retain_freed_memory() -> None:
     """Make glibc keep freed memory in the process instead of returning large blocks to the system. By default
     every activation above a (dynamic) threshold is mmap-ed and unmapped each step, so each training step
-    page-faults and zeroes its activations afresh: about 20,000 minor faults per step of cct_2_3x2_32 (batch
-    128), and 950-1,050 img/s against 1,200-1,260 with this (one-off A/B on this 2-core CPU, fresh processes).
-    Process-wide, so the `cct` commands apply it (the library never does); a no-op where the C library is not
-    glibc."""
+    page-faults and zeroes its activations afresh, which costs a fifth of a small model's step on a CPU
+    (docs/cpu-speed.md). Process-wide, so the `cct` commands apply it (the library never does); a no-op where
+    the C library is not glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -137,8 +137,8 @@ class FrozenForInference(torch.nn.Module):
     which folds the weights into the graph as constants (the linear layers' prepacked for oneDNN on a CPU, the
     Winograd filter tiles computed once) and fuses the work between the matmuls. `cct eval --compile` and the
     inference of `cct bench --set compile=true` run it; never training, whose weights move (a compiled training
-    model must not be wrapped). `cct_2_3x2_32`, batch 64, one thread, bf16: 21.3 ms compiled without freezing,
-    20.3 with it; a first call compiles for a few seconds, so it pays off on large evaluation sets only."""
+    model must not be wrapped). A first call compiles for a few seconds, so it pays off on large evaluation sets
+    only."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -158,8 +158,8 @@ def compile_for_inference(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, source: BatchSource, mean, std, cfg: Config, device: torch.device,
-             num_classes: int) -> dict[str, Any]:
+def evaluate(model: torch.nn.Module, source: BatchSource, mean: Sequence[float], std: Sequence[float], cfg: Config,
+             device: torch.device, num_classes: int) -> dict[str, Any]:
     """Loss, top-1, top-5 and per-class accuracy over the whole evaluation set (sharded over ranks).
 
     Args:
@@ -208,8 +208,8 @@ def evaluate(model: torch.nn.Module, source: BatchSource, mean, std, cfg: Config
 
 def gradients_finite(model: torch.nn.Module) -> bool:
     """Whether every gradient of `model` is finite (parameters without a gradient are left out). The check is
-    GradScaler's own (one fused pass, here with a scale of exactly 1): 0.035 ms for cct_2_3x2_32's gradients on
-    one thread, against 0.80 for a max-abs by `_foreach_norm`, which cost 1% of a step."""
+    GradScaler's own (one fused pass, here with a scale of exactly 1), over 20x cheaper than a max-abs by
+    `_foreach_norm`."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return True
@@ -257,8 +257,8 @@ class Engine:
         initialise(self.model, cfg, load_weights=load_init)  # before the optimizer: frozen parameters stay out
         self.model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
         configure_for_device(self.model, device, cfg.precision)
-        # fused=True: one kernel per step instead of a Python loop over parameters (PyTorch's default on a CPU);
-        # +3-4% training img/s for cct_2_3x2_32 on 2 cores (one-off A/B in one process), same update rule.
+        # fused=True: one kernel per step instead of a Python loop over parameters (PyTorch's default on a CPU),
+        # the same update rule, measurably faster (docs/cpu-speed.md).
         self.optimizer = create_optimizer_v2(optimizer_params(self.model, cfg), opt=cfg.optimizer, lr=cfg.lr,
                                              fused=True, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
@@ -267,10 +267,8 @@ class Engine:
         self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema else None
         self.forward = forward
         if cfg.compile and device.type == "cpu":
-            # On a CPU only the encoder blocks: inductor's max-pool backward takes 4x eager's (5.9 -> 23.6 ms
-            # forward + backward at cct_2_3x2_32's first pool, batch 128), so compiling the tokenizer loses.
-            # Training img/s in one round-robin run (2 threads, batch 128): eager 1,070, blocks compiled 1,152,
-            # whole model 1,046, tokenizer alone 913; cct_7_3x1_32 39.6 eager, 40.3 blocks compiled.
+            # On a CPU only the encoder blocks: inductor's max-pool backward is several times slower than eager's,
+            # so compiling the tokenizer loses (docs/cpu-speed.md).
             for block in self.model.blocks:
                 block.compile()
         elif cfg.compile:
@@ -351,8 +349,7 @@ class Engine:
         # Under DDP every rank must take part in the backward's all-reduce (a rank alone out of it hangs), and all
         # must skip the same steps. In bf16 / fp32 a non-finite loss on any rank makes the all-reduced gradients
         # non-finite on every rank, so each rank finds it by itself after the backward. A vote of its own before
-        # the backward cost ~3% (cct_2_3x2_32, 2 gloo processes of one thread, 60 steps, alternating runs:
-        # 1,259 / 1,247 img/s with it, 1,290 / 1,298 without). In fp16 overflowing gradients are normal (the
+        # the backward cost a few percent of a step (docs/cpu-speed.md). In fp16 overflowing gradients are normal (the
         # scaler skips them and lowers its scale), so there the ranks still vote.
         vote = dist.is_distributed() and self.scaler.is_enabled()
         if vote and dist.reduce_floats([float(not math.isfinite(loss_value))])[0]:
