@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 TIMING_COLUMNS = ("img_per_s", "seconds")
 # keras-example (cct_2_3x2_32) on 256 real CIFAR-10 images, 8 steps of 32 an epoch, evaluated on 256 test images
@@ -60,3 +61,15 @@ def write_cifar_test_pngs(data_root: Path, folder: Path, count: int) -> list[Pat
         paths.append(folder / f"{i}_{test.classes[int(test.labels[i])]}.png")
         Image.fromarray(test.images[i].permute(1, 2, 0).numpy()).save(paths[-1])
     return paths
+
+
+class OpsSeen(TorchDispatchMode):
+    """Records the name of every operator dispatched inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func))
+        return func(*args, **(kwargs or {}))

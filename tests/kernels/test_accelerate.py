@@ -13,15 +13,6 @@ from cct.kernels import Attention, Conv2d, MaxPoolReLU, Mlp, TokenizerLayer, acc
 from cct.train.loop import configure_attention
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The kernels serve processes of one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _twins(name: str) -> tuple[nn.Module, nn.Module]:
     """A plain model and an accelerated copy with the same weights."""
     torch.manual_seed(0)

@@ -12,34 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp as TimmMlp
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import cct
 from cct.kernels import Attention, Conv2d, MaxPoolReLU, Mlp, accelerate, available
 from cct.train.loop import compile_for_inference, configure_attention
+from tests.helpers import OpsSeen
 
 needs_kernels = pytest.mark.skipif(not available(), reason="the CPU kernels cannot be built on this machine")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The kernels serve processes of one intra-op thread (`processes: N` recipes, `cct bench`)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class OpsSeen(TorchDispatchMode):
-    """Records the name of every operator dispatched inside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.names: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def _relative_error(value: torch.Tensor, exact: torch.Tensor) -> float:

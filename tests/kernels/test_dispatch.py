@@ -12,7 +12,6 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import cct
 from cct.errors import UsageError
@@ -21,33 +20,13 @@ from cct.kernels.dispatch import FAST_PATHS, KINDS, detected_kind
 from cct.kernels.native import library
 from cct.train.loop import configure_for_device
 from cct.train.precision import resolve_precision
+from tests.helpers import OpsSeen
 
 CPU = torch.device("cpu")
 # kind: (bf16 computed natively, C kernels, explicit attention in bf16)
 EXPECTED = {"amx": (True, True, True), "avx512_bf16": (True, True, True), "avx512": (False, False, False),
             "avx2": (False, False, False), "arm_bf16": (True, False, False), "other": (False, False, False)}
 EMULATED_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
-
-
-class OpsSeen(TorchDispatchMode):
-    """Records the name of every operator dispatched inside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.names: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(str(func))
-        return func(*args, **(kwargs or {}))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The kernels serve processes of one intra-op thread: where a kind turns them off, that is why they do not run."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _python(script: str, env: dict[str, str]) -> str:
