@@ -12,8 +12,8 @@
 The same number of DataLoader workers for both file pipelines; each measures a pass over `--images` training
 images after its workers have delivered a first batch (the store's preparation is timed apart).
 
-    python benchmarks/make_jpeg_tree.py /tmp/jpeg-tree            # 5,000 JPEGs of about 500 x 375
-    python benchmarks/loader.py /tmp/jpeg-tree [--workers N] [--sizes 224 128 64]
+    python benchmarks/make_jpeg_tree.py jpeg-tree            # 5,000 JPEGs of about 500 x 375
+    python benchmarks/loader.py jpeg-tree [--workers N] [--sizes 224 128 64]
 
 Writes benchmarks/results/loader/<cpu>.json: per size, `torchvision_img_per_s`, `jpeg_img_per_s`,
 `prepared_img_per_s` and the two ratios to torchvision.
