@@ -96,15 +96,21 @@ def _stop(process: subprocess.Popen) -> None:
         process.communicate()
 
 
+def _top1_served(server, port: int, png, screenshot) -> str:
+    """The top-1 label the page served by `server` on `port` shows for `png`; the server is stopped after."""
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        _wait_until_served(url, server)
+        return _top1_in_browser(url, png, screenshot)
+    finally:
+        _stop(server)
+
+
 @needs_browser
 def test_demo_in_a_browser_shows_predicts_top1(cat_png, data_root, tmp_path, capsys):
     port = _free_port()
     server = cct_process("demo", *SHIPPED, "--host", "127.0.0.1", "--port", str(port), data_root=data_root)
-    try:
-        _wait_until_served(f"http://127.0.0.1:{port}/", server)
-        shown = _top1_in_browser(f"http://127.0.0.1:{port}/", cat_png, tmp_path / "demo.png")
-    finally:
-        _stop(server)
+    shown = _top1_served(server, port, cat_png, tmp_path / "demo.png")
     assert shown == _predicted_top1(cat_png, capsys)
     assert (tmp_path / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -119,9 +125,5 @@ def test_hub_folder_app_serves_the_same_page_as_a_space(cat_png, tmp_path, capsy
     env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port))
     server = subprocess.Popen([sys.executable, "app.py"], cwd=folder, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_until_served(f"http://127.0.0.1:{port}/", server)
-        shown = _top1_in_browser(f"http://127.0.0.1:{port}/", cat_png, tmp_path / "space.png")
-    finally:
-        _stop(server)
+    shown = _top1_served(server, port, cat_png, tmp_path / "space.png")
     assert shown == _predicted_top1(cat_png, capsys)
