@@ -329,10 +329,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
     """Classify image files with a trained model."""
     model, meta = _model_for_images(args)
     results, unreadable = [], []
-    for start in range(0, len(args.images), PREDICT_BATCH):  # a batch at a time: memory stays bounded
-        readable, bad = _read_images(args.images[start:start + PREDICT_BATCH], model.img_size[0])
-        unreadable += bad
-        batch_results = _classify(model, meta, readable, args.topk) if readable else []
+    for readable in _image_batches(args.images, model.img_size[0], unreadable):
+        batch_results = _classify(model, meta, readable, args.topk)
         if args.json:
             results += batch_results
         else:
@@ -377,15 +375,25 @@ def _read_images(paths: list[str], img_size: int) -> tuple[list, list[str]]:
     return readable, unreadable
 
 
+IMAGE_BATCH = 64  # images decoded and processed at a time by `cct predict` and `cct explain`: memory stays bounded
+
+
+def _image_batches(paths: list[str], img_size: int, unreadable: list[str]) -> Iterator[list]:
+    """The readable (path, image) pairs of `paths`, `IMAGE_BATCH` files at a time, in order; the message of each
+    unreadable file is appended to `unreadable`."""
+    for start in range(0, len(paths), IMAGE_BATCH):
+        readable, bad = _read_images(paths[start:start + IMAGE_BATCH], img_size)
+        unreadable += bad
+        if readable:
+            yield readable
+
+
 def _report_unreadable(unreadable: list[str]) -> None:
     """One `error:` line per unreadable image, the last one as the command's error (exit 1)."""
     for message in unreadable[:-1]:
         print(f"error: {message}", file=sys.stderr)
     if unreadable:
         raise CCTError(unreadable[-1])
-
-
-PREDICT_BATCH = 64  # images decoded and classified at a time by `cct predict`
 
 
 def _classify(model, meta: dict, images: list, topk: int) -> list[dict]:
@@ -408,19 +416,13 @@ def _labelled(probabilities, indices, classes: list[str]) -> list[dict]:
             for p, i in zip(probabilities.tolist(), indices.tolist(), strict=True)]
 
 
-_EXPLAIN_BATCH = 64  # images per forward pass: bounds the memory of the attention matrices
-
-
 def cmd_explain(args: argparse.Namespace) -> None:
     """Draw where a trained model looked in each image: its sequence-pooling and attention-rollout maps."""
     model, meta = _model_for_images(args)
     pngs = _explain_outputs(args.images, Path(args.out))
     results, unreadable = [], []
-    for start in range(0, len(args.images), _EXPLAIN_BATCH):  # a batch at a time: memory stays bounded
-        readable, bad = _read_images(args.images[start:start + _EXPLAIN_BATCH], model.img_size[0])
-        unreadable += bad
-        if readable:
-            results += _explain_batch(model, meta, readable, pngs, args.topk)
+    for readable in _image_batches(args.images, model.img_size[0], unreadable):
+        results += _explain_batch(model, meta, readable, pngs, args.topk)
     if args.json:
         _print_json(results)
     else:

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 import cct.data.datasets as datasets
-from cct.cli import PREDICT_BATCH, main
+from cct.cli import IMAGE_BATCH, main
 from cct.data.datasets import BadImage, build_dataset, decode_image_file
 from cct.train.config import machine_limits
 
@@ -107,8 +107,8 @@ def test_a_special_file_that_appears_after_listing_is_skipped_and_counted(tmp_pa
 
 
 def test_predict_classifies_more_images_than_one_batch_in_order(tmp_path, capsys):
-    images = [str(_png(tmp_path / f"{i:04d}.png", seed=i)) for i in range(2 * PREDICT_BATCH + 3)]
-    images.insert(PREDICT_BATCH + 1, str(tmp_path / "missing.png"))
+    images = [str(_png(tmp_path / f"{i:04d}.png", seed=i)) for i in range(2 * IMAGE_BATCH + 3)]
+    images.insert(IMAGE_BATCH + 1, str(tmp_path / "missing.png"))
     assert main([*PREDICT, *images, "--json"]) == 1
     out, err = capsys.readouterr()
     results = json.loads(out)
@@ -129,7 +129,7 @@ def test_predict_memory_does_not_grow_with_the_number_of_images(tmp_path):
     """Peak RSS for 1,000 images is that of one batch: holding them all in one batch took about 0.5 GB more
     (the activations of a 1,000-image batch)."""
     images = [str(_png(tmp_path / f"{i:04d}.png", seed=i)) for i in range(1000)]
-    few = _peak_rss_kib(*PREDICT, *images[:PREDICT_BATCH])
+    few = _peak_rss_kib(*PREDICT, *images[:IMAGE_BATCH])
     many = _peak_rss_kib(*PREDICT, *images)
     assert many - few < 100 * 1024, (few, many)
 
