@@ -102,11 +102,13 @@ SHIPPED_WEIGHTS: dict[str, str] = {
 
 
 def shipped_weights(model: str, tag: str | None = None) -> Path | None:
-    """The shipped weights file of `model` (its default tag when `tag` is None), if there is one."""
+    """The shipped weights file of `model` (its default tag when `tag` is None), if there is one. A tag may name
+    the dataset alone: `cifar10` finds `cifar10` itself, else the model's first `cifar10_*` tag."""
     tags = [key for key, file in SHIPPED_WEIGHTS.items()
             if key.split(".")[0] == model and (WEIGHTS_DIR / file).is_file()]
     if tag is not None:
-        tags = [key for key in tags if key.split(".", 1)[1] in (tag, f"{tag}_keras")]
+        tags = [key for key in tags if key.split(".", 1)[1] == tag] or \
+            [key for key in tags if key.split(".", 1)[1].startswith(f"{tag}_")]
     return WEIGHTS_DIR / SHIPPED_WEIGHTS[tags[0]] if tags else None
 
 

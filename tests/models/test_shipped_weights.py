@@ -8,7 +8,7 @@ import timm
 import torch
 
 from cct.cli import main
-from cct.models.registry import SHIPPED_WEIGHTS, WEIGHTS_DIR
+from cct.models.registry import SHIPPED_WEIGHTS, WEIGHTS_DIR, shipped_weights
 from cct.train.runs import load_trained
 
 
@@ -55,3 +55,13 @@ def test_shipped_weights_export_like_a_checkpoint(tmp_path, capsys):
                                                  strict=True))
     assert main(["export", "--format", "onnx", "-o", str(tmp_path / "x.onnx")]) == 2
     assert "give a CHECKPOINT, or --model NAME --pretrained TAG" in capsys.readouterr().err
+
+
+def test_a_dataset_name_finds_the_shipped_tag():
+    """`--pretrained cifar10` names each model's CIFAR-10 weights whatever recipe made them."""
+    assert shipped_weights("cct_2_3x2_32", "cifar10") == WEIGHTS_DIR / SHIPPED_WEIGHTS["cct_2_3x2_32.cifar10_keras"]
+    assert shipped_weights("cct_2_3x2_32_h32", "cifar10") == \
+        WEIGHTS_DIR / SHIPPED_WEIGHTS["cct_2_3x2_32_h32.cifar10_fast"]
+    assert shipped_weights("cct_2_3x2_32_h32", "cifar10_fast") == shipped_weights("cct_2_3x2_32_h32", "cifar10")
+    assert shipped_weights("cct_2_3x2_32_h32", "cifar") is None  # a whole word before the underscore, not a prefix
+    assert shipped_weights("cct_7_3x1_32", "cifar10") is None
