@@ -37,6 +37,11 @@ EVAL_CROP_PCT, EVAL_INTERPOLATION = 0.875, "bicubic"
 
 # Top-1 accuracy reported by the authors (official README / paper), for the model table.
 PAPER_TOP1: dict[str, str] = {
+    "cct_2_3x2_32": "89.17 (CIFAR-10, 200 ep)",
+    "cct_4_3x2_32": "91.45 (CIFAR-10, 200 ep)",
+    "cct_6_3x2_32": "93.56 (CIFAR-10, 200 ep)",
+    "cct_7_3x2_32": "93.83 (CIFAR-10, 200 ep)",
+    "cct_6_3x1_32": "94.81 (CIFAR-10, 200 ep); 95.29 (500 ep)",
     "cct_7_3x1_32": "96.53 (CIFAR-10, 300 ep)",
     "cct_7_3x1_32_sine": "97.48 (CIFAR-10, 1500 ep); 98.00 (5000 ep)",
     "cct_7_3x1_32_c100": "80.92 (CIFAR-100, 300 ep)",
@@ -98,6 +103,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 SHIPPED_WEIGHTS: dict[str, str] = {
     "cct_2_3x2_32.cifar10_keras": "cct_2_3x2_32.cifar10_keras.safetensors",
     "cct_2_3x2_32_h32.cifar10_fast": "cct_2_3x2_32_h32.cifar10_fast.safetensors",
+    "cct_4_3x2_32.cifar10_hour": "cct_4_3x2_32.cifar10_hour.safetensors",
 }
 
 

@@ -2,6 +2,7 @@
 accuracy recorded when they were trained."""
 
 import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -64,4 +65,19 @@ def test_a_dataset_name_finds_the_shipped_tag():
         WEIGHTS_DIR / SHIPPED_WEIGHTS["cct_2_3x2_32_h32.cifar10_fast"]
     assert shipped_weights("cct_2_3x2_32_h32", "cifar10_fast") == shipped_weights("cct_2_3x2_32_h32", "cifar10")
     assert shipped_weights("cct_2_3x2_32_h32", "cifar") is None  # a whole word before the underscore, not a prefix
+    assert shipped_weights("cct_4_3x2_32", "cifar10") == WEIGHTS_DIR / SHIPPED_WEIGHTS["cct_4_3x2_32.cifar10_hour"]
     assert shipped_weights("cct_7_3x1_32", "cifar10") is None
+
+
+@pytest.mark.parametrize("key", sorted(SHIPPED_WEIGHTS))
+def test_hub_folder_of_the_repository_holds_the_shipped_weights(key):
+    """hub/<model>.<tag>/ is what `cct push` would upload for the shipped weights: the same tensors, its card
+    quoting their recorded accuracy."""
+    from safetensors.torch import load_file
+
+    folder = Path(__file__).resolve().parents[2] / "hub" / key
+    shipped, hub = load_file(WEIGHTS_DIR / SHIPPED_WEIGHTS[key]), load_file(folder / "model.safetensors")
+    assert shipped.keys() == hub.keys() and all(torch.equal(shipped[k], hub[k]) for k in shipped)
+    record = json.loads((WEIGHTS_DIR / SHIPPED_WEIGHTS[key]).with_suffix(".json").read_text())
+    assert f"| accuracy | {record['final_top1']:.2f}% top-1" in (folder / "README.md").read_text()
+    assert json.loads((folder / "config.json").read_text())["pretrained_cfg"]["tag"] == key.split(".")[1]
