@@ -4,6 +4,8 @@ CPU without native bf16 (most Intel laptops, AMD before Zen 4) looks like to PyT
 Rows, for each model (`cct_2_3x2_32`, `cct_2_3x2_32_h32`, `cct_7_3x1_32` by default):
 
 * this CPU, `--precision auto` (what every recipe asks for) and `--precision fp32`;
+* this CPU with PyTorch's own path only (`CCT_CPU_KIND=avx512`: no C kernels, SDPA attention), `--precision bf16`:
+  what the fast paths are measured against;
 * emulated AVX2 (`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2`), `--precision
   auto` (resolves to fp32) and `fp32`, and for the first model also `bf16`: the row that shows why `auto` does not
   pick bf16 there.
@@ -33,7 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("cct_2_3x2_32", "cct_2_3x2_32_h32", "cct_7_3x1_32")
 EMULATED_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 # (label, environment added, precisions asked for)
-SETTINGS = (("this CPU", {}, ("auto", "fp32")), ("emulated AVX2", EMULATED_AVX2, ("auto", "bf16", "fp32")))
+# `CCT_CPU_KIND=avx512` turns the C kernels and the explicit attention off: with bf16 asked for, the row is
+# PyTorch's own path at the precision `auto` runs, the baseline the kernels must never lose to.
+SETTINGS = (("this CPU", {}, ("auto", "fp32")), ("this CPU, PyTorch only", {"CCT_CPU_KIND": "avx512"}, ("bf16",)),
+            ("emulated AVX2", EMULATED_AVX2, ("auto", "bf16", "fp32")))
 # the slowest model times fewer windows, as README's rows of it do, and one window in emulated bf16, where each of
 # its steps takes minutes
 WINDOWS = {("cct_7_3x1_32", "fp32"): 3, ("cct_7_3x1_32", "auto"): 3, ("cct_7_3x1_32", "bf16"): 1}
@@ -89,15 +94,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench" / "cpu-kinds")
     parser.add_argument("--update-docs", action="store_true", help="write the table into docs/cpu-kinds.md")
+    parser.add_argument("--no-emulated-bf16", action="store_true", help="skip the emulated bf16 row altogether")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for model in args.models:
         for setting, env, precisions in SETTINGS:
+            emulated = env is EMULATED_AVX2
             for precision in precisions:
-                if precision == "bf16" and model != args.models[0]:
+                if emulated and precision == "bf16" and (args.no_emulated_bf16 or model != args.models[0]):
                     continue  # emulated bf16 is shown once: it costs minutes per row and decides nothing new
-                windows = min(args.windows, WINDOWS.get((model, precision if env else "auto"), args.windows))
+                windows = min(args.windows, WINDOWS.get((model, precision if emulated else "auto"), args.windows))
                 row = bench_row(model, precision, env, windows, args.batch_size)
                 row["setting"] = setting
                 rows.append(row)
