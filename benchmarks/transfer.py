@@ -10,6 +10,8 @@
 3. Compare, at the same budget (the `finetune` recipe's schedule, same epochs and steps), three seeds each:
    * scratch: random weights (learning rate 1e-3, the from-scratch rate of `keras-example`);
    * fine-tuned: `init` = the pre-trained weights, the `finetune` recipe as shipped;
+   * fine-tuned, lr 1e-3: the same at the from-scratch learning rate (no faster head), for classes far from
+     the pre-training's;
    * linear probe: the same weights with `freeze=backbone` (only the head trains; learning rate 1e-3, since
      a probe's head alone starts from zero).
 
@@ -49,6 +51,7 @@ VEHICLES = ("airplane", "automobile", "ship", "truck")
 MODES = {
     "scratch": ["init=none", "lr=1.0e-3", "head_lr_scale=1.0"],
     "fine-tuned": [],  # init is set to the pre-trained run
+    "fine-tuned, lr 1e-3": ["lr=1.0e-3", "head_lr_scale=1.0"],  # the recipe at the from-scratch rate
     "linear probe": ["freeze=backbone", "lr=1.0e-3", "head_lr_scale=1.0"],
 }
 RESULTS = Path(__file__).resolve().parent / "results" / "transfer"
