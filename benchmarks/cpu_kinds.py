@@ -19,6 +19,7 @@ The JSON of each row (with the environment and the 1-minute load average before 
 worth recording on a quiet machine (load average < 0.5).
 
     python benchmarks/cpu_kinds.py [--models cct_2_3x2_32 ...] [--windows 5] [--batch-size 128] [--update-docs]
+    python benchmarks/cpu_kinds.py --table-only --update-docs    # the table of every row recorded so far
 """
 
 from __future__ import annotations
@@ -79,6 +80,19 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def recorded_rows(out: Path, models: list[str]) -> list[dict[str, Any]]:
+    """The rows already recorded in `out` as JSON, in the table's order (model, setting, precision)."""
+    rows = []
+    for model in models:
+        for setting, env, precisions in SETTINGS:
+            for precision in precisions:
+                for path in sorted(out.glob(f"{model}-*-{precision}.json")):
+                    row = json.loads(path.read_text())
+                    if row["environment"] == env and row["precision_asked"] == precision:
+                        rows.append(dict(row, setting=setting))
+    return rows
+
+
 def update_docs(markdown: str) -> None:
     """Replace the table between the markers of docs/cpu-kinds.md."""
     text = DOCS.read_text()
@@ -95,10 +109,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench" / "cpu-kinds")
     parser.add_argument("--update-docs", action="store_true", help="write the table into docs/cpu-kinds.md")
     parser.add_argument("--no-emulated-bf16", action="store_true", help="skip the emulated bf16 row altogether")
+    parser.add_argument("--table-only", action="store_true",
+                        help="run nothing: build the table from the JSON rows already in --out (of every run)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for model in args.models:
+    rows = recorded_rows(args.out, args.models) if args.table_only else []
+    for model in [] if args.table_only else args.models:
         for setting, env, precisions in SETTINGS:
             emulated = env is EMULATED_AVX2
             for precision in precisions:
