@@ -141,13 +141,18 @@ def test_solarize_add_matches_timm_lut(cifar):
     assert torch.equal(ours.int(), ref)
 
 
-def test_crop_flip_matches_torchvision(cifar):
+@pytest.mark.parametrize("crop", [A.crop_flip, A._crop_flip_slices, A._crop_flip_gather])
+def test_crop_flip_matches_torchvision(cifar, crop):
+    """Both ways of cropping (per-image slices on a CPU, one gather on an accelerator) are torchvision's."""
     x = cifar[0][:64]
     g = torch.Generator().manual_seed(1)
     top = torch.randint(0, 9, (64,), generator=g)
     left = torch.randint(0, 9, (64,), generator=g)
     flip = torch.rand(64, generator=g) < 0.5
-    ours = A.crop_flip(x, top, left, 32, flip, padding=4)
+    if crop is A.crop_flip:
+        ours = crop(x, top, left, 32, flip, padding=4)
+    else:
+        ours = crop(torch.nn.functional.pad(x, (4, 4, 4, 4)), top, left, 32, flip)
     for i in range(64):
         ref = TF.crop(TF.pad(x[i], [4]), int(top[i]), int(left[i]), 32, 32)
         if flip[i]:
