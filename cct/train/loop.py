@@ -662,7 +662,8 @@ def _summary(run: _Run, final: dict[str, float]) -> dict[str, Any]:
         img_per_s=round(run.num_train * (run.step / max(spe, 1)) / max(run.train_seconds, 1e-9), 1),
         device=f"cpu ({cpu_name()})" if dev.type == "cpu" else str(dev), threads=torch.get_num_threads(),
         torch=torch.__version__, git_commit=_git_commit(), skipped_images=sum(r.get("skipped", 0) for r in run.history),
-        seed=cfg.seed, nan_steps_skipped=sum(r.get("nan_steps", 0) for r in run.history), init=cfg.init)
+        seed=cfg.seed, nan_steps_skipped=sum(r.get("nan_steps", 0) for r in run.history), init=cfg.init,
+        test_time_flip=cfg.test_time_flip)  # the final figures depend on it; `cct eval` repeats it
 
 
 def _finish(run: _Run) -> dict[str, Any]:

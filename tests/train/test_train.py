@@ -25,7 +25,7 @@ from tests.data.test_datasets import _flowers_tree, fake_cifar100_download
 from tests.helpers import cct_process, metrics_without_timing, run_cct, state_step
 
 SUMMARY_KEYS = {"model", "params", "dataset", "epochs", "best_top1", "final_top1", "final_top5", "train_seconds",
-                "img_per_s", "device", "torch", "git_commit", "skipped_images"}
+                "img_per_s", "device", "torch", "git_commit", "skipped_images", "test_time_flip"}
 
 
 def test_run_directory_holds_every_output(trained_run):
