@@ -51,7 +51,8 @@ from cct.train.loop import cpu_name
 
 ANIMALS = ("bird", "cat", "deer", "dog", "frog", "horse")
 VEHICLES = ("airplane", "automobile", "ship", "truck")
-TARGETS = {"unseen classes": "vehicles", "seen classes": "animals100"}  # name: image folder in the work dir
+# name: (image folder in the work dir, its classes), 100 training images per class
+TARGETS = {"unseen classes": ("vehicles", VEHICLES), "seen classes": ("animals100", ANIMALS)}
 MODES = {
     "scratch": ["init=none", "lr=1.0e-3", "head_lr_scale=1.0"],
     "fine-tuned": [],  # init is set to the pre-trained run
@@ -82,14 +83,12 @@ def build_folders(data_dir: Path | None, work: Path, quick: bool) -> dict[str, i
     targets, 100 training images per class); returns their sizes."""
     train_split, test_split = build_dataset("cifar10", "train", data_dir), build_dataset("cifar10", "test", data_dir)
     pretrain_train, test = (50, 20) if quick else (None, None)
-    return {
-        "animals/train": write_folder(train_split, ANIMALS, work / "animals" / "train", pretrain_train, 0),
-        "animals/val": write_folder(test_split, ANIMALS, work / "animals" / "val", test, 0),
-        "vehicles/train": write_folder(train_split, VEHICLES, work / "vehicles" / "train", 100, 0),
-        "vehicles/val": write_folder(test_split, VEHICLES, work / "vehicles" / "val", test, 0),
-        "animals100/train": write_folder(train_split, ANIMALS, work / "animals100" / "train", 100, 0),
-        "animals100/val": write_folder(test_split, ANIMALS, work / "animals100" / "val", test, 0),
-    }
+    sizes = {"animals/train": write_folder(train_split, ANIMALS, work / "animals" / "train", pretrain_train, 0),
+             "animals/val": write_folder(test_split, ANIMALS, work / "animals" / "val", test, 0)}
+    for folder, classes in TARGETS.values():
+        sizes[f"{folder}/train"] = write_folder(train_split, classes, work / folder / "train", 100, 0)
+        sizes[f"{folder}/val"] = write_folder(test_split, classes, work / folder / "val", test, 0)
+    return sizes
 
 
 def run(recipe: str, overrides: list[str], run_dir: Path) -> dict:
@@ -136,7 +135,7 @@ def measure(args: argparse.Namespace, work: Path, out: Path) -> None:
           f"({pretrain['train_seconds']:.0f} s)", flush=True)
 
     runs = []
-    for target, folder in TARGETS.items():
+    for target, (folder, _) in TARGETS.items():
         for mode, overrides in MODES.items():
             for seed in range(args.seeds):
                 init = [] if mode == "scratch" else [f"init={pretrained / 'last.safetensors'}"]
@@ -154,8 +153,7 @@ def measure(args: argparse.Namespace, work: Path, out: Path) -> None:
     result = dict(
         quick=args.quick, pretrain=dict(classes=ANIMALS, epochs=args.pretrain_epochs, top1=pretrain["final_top1"],
                                         train_seconds=pretrain["train_seconds"]),
-        targets={"unseen classes": dict(classes=VEHICLES, folder="vehicles"),
-                 "seen classes": dict(classes=ANIMALS, folder="animals100")},
+        targets={target: dict(classes=classes, folder=folder) for target, (folder, classes) in TARGETS.items()},
         train_per_class=100, epochs=args.epochs, seeds=args.seeds, images=sizes, overrides=MODES,
         results={t: {m: stats(t, m) for m in MODES} for t in TARGETS},
         runs=runs, cpu=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__,
