@@ -315,7 +315,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     report = evaluate_checkpoint(
         _weights_source(args), args.dataset, model_name=args.model, data_root=_data_root(args.data_dir),
         download=args.download, precision=args.precision, batch_size=args.batch_size, workers=args.workers,
-        flip=args.flip, compile=args.compile, device=device, out=Path(args.out) if args.out else None)
+        flip=args.flip, shift=args.shift, compile=args.compile, device=device, out=Path(args.out) if args.out else None)
     if args.json:
         _print_json(report)
         return
@@ -631,6 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_at_least(0, threads), default=4, help="decoding workers for file datasets")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction,
                    help="test-time horizontal-flip averaging (default: as the run was evaluated, else off)")
+    p.add_argument("--shift", action=argparse.BooleanOptionalAction,
+                   help="test-time averaging with the image moved one pixel diagonally both ways (default: as the "
+                        "run was evaluated, else off)")
     p.add_argument("--compile", action="store_true",
                    help="compile the model for inference first (seconds; pays off on large evaluation sets)")
     p.add_argument("--device", choices=DEVICES)

@@ -122,6 +122,7 @@ class Config:
     eval_every: int = 1  # epochs
     eval_batch_size: int = 500
     test_time_flip: bool = False
+    test_time_shift: bool = False  # also the image moved one pixel diagonally both ways (see `loop.view_logits`)
     checkpoint_every_steps: int | None = None
 
 

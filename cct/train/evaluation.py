@@ -42,8 +42,8 @@ def _write_report(report: dict[str, Any], confusion: torch.Tensor, classes: list
 def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = None, *,
                         model_name: str | None = None, data_root: Path | None = None, download: bool = False,
                         precision: str = "auto", batch_size: int = 500, workers: int = 4,
-                        flip: bool | None = None, compile: bool = False, device: torch.device | None = None,
-                        out: Path | None = None) -> dict[str, Any]:
+                        flip: bool | None = None, shift: bool | None = None, compile: bool = False,
+                        device: torch.device | None = None, out: Path | None = None) -> dict[str, Any]:
     """Evaluate a trained model on a dataset's held-out split: top-1, top-5, loss and per-class accuracy.
 
     Args:
@@ -59,13 +59,16 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
         batch_size: images per evaluation batch.
         workers: decoding workers for file datasets.
         flip: test-time horizontal-flip averaging (default: as the run was evaluated, else off).
+        shift: test-time averaging over two one-pixel shifts (`view_logits`; default: as the run was evaluated,
+            else off).
         compile: compile the model for inference first (pays off on large evaluation sets only).
         device: where to evaluate (default: CUDA where there is a GPU).
         out: a folder to write `eval.json` and `confusion.png` into (created before the evaluation).
 
     Returns:
         The report: `model`, `checkpoint`, `dataset`, `split`, `top1`, `top5`, `loss`, `images`, `precision`
-        and `precision_reason` (what ran and why), and `per_class_top1` (class name to accuracy in %).
+        and `precision_reason` (what ran and why), `test_time_flip` and `test_time_shift` (the views averaged),
+        and `per_class_top1` (class name to accuracy in %).
     """
     if out is not None:
         _make_folder(Path(out))
@@ -75,7 +78,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
     if not dataset:
         raise UsageError("the checkpoint does not name its dataset: pass --dataset NAME")
     split = dataset_info(dataset).eval_split
-    # as the run evaluated: its own held-out part and its test-time flip (config.yaml of a run directory; the
+    # as the run evaluated: its own held-out part and its test-time views (config.yaml of a run directory; the
     # JSON beside shipped weights)
     summary, recipe = run_records(Path(checkpoint)) if dataset == meta.get("dataset") else (None, None)
     summary, recipe = summary or {}, recipe or {}
@@ -88,17 +91,18 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
         data.transform = eval_file_transform(model.img_size[0])
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    if flip is None:
-        flip = bool(recipe.get("test_time_flip", summary.get("test_time_flip", False)))
+    views = {key: bool(recipe.get(key, summary.get(key, False))) for key in ("test_time_flip", "test_time_shift")}
+    views.update({key: value for key, value in (("test_time_flip", flip), ("test_time_shift", shift))
+                  if value is not None})
     precision, precision_reason = resolve_precision(precision, device)
-    cfg = Config(precision=precision, eval_batch_size=batch_size, test_time_flip=flip)
+    cfg = Config(precision=precision, eval_batch_size=batch_size, **views)
     configure_for_device(model, device, cfg.precision)
     runner = compile_for_inference(model) if compile else model
     result = evaluate(runner, BatchSource(data, device, workers), meta["mean"], meta["std"], cfg, device,
                       model.num_classes)
     report = dict(model=meta["model"], checkpoint=str(checkpoint), dataset=dataset, split=split,
                   top1=result["top1"], top5=result["top5"], loss=result["loss"], images=result["images"],
-                  precision=precision, precision_reason=precision_reason,
+                  precision=precision, precision_reason=precision_reason, **views,
                   per_class_top1=dict(zip(data.classes, result["per_class_top1"], strict=True)))
     if out is not None:
         _write_report(report, result["confusion"], data.classes, Path(out))

@@ -158,6 +158,31 @@ def compile_for_inference(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @torch.no_grad()
+def view_logits(model: torch.nn.Module, x: torch.Tensor, flip: bool = False, shift: bool = False) -> torch.Tensor:
+    """The model's float logits for a normalised batch, averaged over test-time views.
+
+    `flip` averages each view with its mirror image. `shift` is airbench's multi-crop: half the weight on the
+    image, a quarter on each of two copies moved one pixel diagonally (up-left, down-right; the edges
+    reflected), which the padded random crops of training make the model see as the same image.
+
+    Args:
+        model: the model, in eval mode.
+        x: normalised images, N x C x H x W.
+        flip: average with the horizontally flipped view.
+        shift: add the two shifted views.
+    """
+    def mirrored(view: torch.Tensor) -> torch.Tensor:
+        logits = model(view).float()
+        return 0.5 * (logits + model(view.flip(3)).float()) if flip else logits
+
+    logits = mirrored(x)
+    if shift:
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        height, width = x.shape[-2:]
+        logits = 0.5 * logits + 0.25 * (mirrored(padded[..., :height, :width]) + mirrored(padded[..., 2:, 2:]))
+    return logits
+
+
 def evaluate(model: torch.nn.Module, source: BatchSource, mean: Sequence[float], std: Sequence[float], cfg: Config,
              device: torch.device, num_classes: int) -> dict[str, Any]:
     """Loss, top-1, top-5 and per-class accuracy over the whole evaluation set (sharded over ranks).
@@ -167,7 +192,8 @@ def evaluate(model: torch.nn.Module, source: BatchSource, mean: Sequence[float],
         source: the evaluation images (its first `cfg.eval_samples` where set).
         mean: the per-channel normalisation mean, in [0, 1].
         std: the per-channel normalisation standard deviation.
-        cfg: `precision`, `eval_batch_size`, `test_time_flip`, `channels_last` and `eval_samples` are used.
+        cfg: `precision`, `eval_batch_size`, `test_time_flip`, `test_time_shift`, `channels_last` and
+            `eval_samples` are used.
         device: where `source`'s batches and the model are.
         num_classes: the model's class count.
 
@@ -186,9 +212,7 @@ def evaluate(model: torch.nn.Module, source: BatchSource, mean: Sequence[float],
     for images, labels, _ in source.batches(indices):
         x = normalize(images, mean, std, channels_last=cfg.channels_last)
         with autocast(device, cfg.precision):
-            logits = model(x).float()
-            if cfg.test_time_flip:
-                logits = 0.5 * (logits + model(x.flip(3)).float())
+            logits = view_logits(model, x, cfg.test_time_flip, cfg.test_time_shift)
         top5 = logits.topk(min(5, num_classes), dim=1).indices
         correct1 = top5[:, 0] == labels
         sums[0] += F.cross_entropy(logits, labels, reduction="sum").to(total)
@@ -663,7 +687,8 @@ def _summary(run: _Run, final: dict[str, float]) -> dict[str, Any]:
         device=f"cpu ({cpu_name()})" if dev.type == "cpu" else str(dev), threads=torch.get_num_threads(),
         torch=torch.__version__, git_commit=_git_commit(), skipped_images=sum(r.get("skipped", 0) for r in run.history),
         seed=cfg.seed, nan_steps_skipped=sum(r.get("nan_steps", 0) for r in run.history), init=cfg.init,
-        test_time_flip=cfg.test_time_flip)  # the final figures depend on it; `cct eval` repeats it
+        # the final figures depend on the test-time views; `cct eval` repeats them
+        test_time_flip=cfg.test_time_flip, test_time_shift=cfg.test_time_shift)
 
 
 def _finish(run: _Run) -> dict[str, Any]:
