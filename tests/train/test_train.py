@@ -25,7 +25,8 @@ from tests.data.test_datasets import _flowers_tree, fake_cifar100_download
 from tests.helpers import cct_process, metrics_without_timing, run_cct, state_step
 
 SUMMARY_KEYS = {"model", "params", "dataset", "epochs", "best_top1", "final_top1", "final_top5", "train_seconds",
-                "img_per_s", "device", "torch", "git_commit", "skipped_images", "test_time_flip"}
+                "img_per_s", "device", "torch", "git_commit", "skipped_images", "test_time_flip",
+                "test_time_shift"}
 
 
 def test_run_directory_holds_every_output(trained_run):
@@ -260,7 +261,7 @@ def test_resume_with_another_model_optimizer_or_batch_is_one_line_and_keeps_the_
 def test_eval_of_a_folder_run_uses_the_runs_held_out_images(tmp_path, capsys):
     """A folder's val split depends on val_fraction and seed: `cct eval RUN` takes them from the run, so it
     measures the images the run held out (with the defaults it would take others, some of them trained on); and
-    it evaluates with the run's test-time flip unless told (`--no-flip`)."""
+    it evaluates with the run's test-time views unless told (`--no-flip`, `--no-shift`)."""
     rng = np.random.default_rng(0)
     for label in ("a", "b"):
         (tmp_path / "tree" / label).mkdir(parents=True)
@@ -270,17 +271,48 @@ def test_eval_of_a_folder_run_uses_the_runs_held_out_images(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "keras-example", "--set", f"dataset=folder:{tmp_path / 'tree'}", "--set", "epochs=1",
                  "--set", "batch_size=4", "--set", "img_size=32", "--set", "val_fraction=0.3", "--set", "seed=5",
-                 "--set", "workers=0", "--set", "test_time_flip=true", "--out", str(run)]) == 0
+                 "--set", "workers=0", "--set", "test_time_flip=true", "--set", "test_time_shift=true",
+                 "--out", str(run)]) == 0
     summary = json.loads((run / "summary.json").read_text())
+    assert summary["test_time_flip"] and summary["test_time_shift"]
     capsys.readouterr()
     reports = []
-    for flip in ([], ["--no-flip"]):
-        assert main(["eval", str(run), "--json", "--workers", "0", *flip]) == 0
+    for views in ([], ["--no-flip"], ["--no-shift"]):
+        assert main(["eval", str(run), "--json", "--workers", "0", *views]) == 0
         reports.append(json.loads(capsys.readouterr().out))
     assert reports[0]["images"] == 6  # 30% of 20, not the default 10%
     assert reports[0]["top1"] == pytest.approx(summary["final_top1"], abs=0.01)
     assert reports[0]["loss"] == pytest.approx(summary["final_loss"], abs=1e-4)
-    assert reports[1]["loss"] != pytest.approx(summary["final_loss"], abs=1e-4)  # without the flip: another loss
+    assert (reports[1]["test_time_flip"], reports[2]["test_time_shift"]) == (False, False)
+    for fewer_views in reports[1:]:  # another loss without either view
+        assert fewer_views["loss"] != pytest.approx(summary["final_loss"], abs=1e-4)
+
+
+def test_view_logits_average_the_flipped_and_shifted_images():
+    """Flip: the mean of the image's and its mirror's logits. Shift: half on that, a quarter on each copy moved
+    one pixel up-left and down-right, the edges reflected (computed here by hand, pixel by pixel)."""
+    from cct.train.loop import view_logits
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 5 * 6, 4))  # position-sensitive
+    x = torch.randn(2, 3, 5, 6)
+
+    def moved(dy: int, dx: int) -> torch.Tensor:  # out[i, j] = x[i - dy, j - dx], reflected at the edges
+        rows = [abs(i - dy) if i - dy >= 0 else -(i - dy) for i in range(5)]
+        rows = [r if r < 5 else 2 * 4 - r for r in rows]
+        cols = [abs(j - dx) if j - dx >= 0 else -(j - dx) for j in range(6)]
+        cols = [c if c < 6 else 2 * 5 - c for c in cols]
+        return x[:, :, rows][:, :, :, cols]
+
+    def mirrored(v: torch.Tensor) -> torch.Tensor:
+        return (model(v) + model(v.flip(3))) / 2
+
+    with torch.no_grad():
+        assert torch.allclose(view_logits(model, x), model(x))
+        assert torch.allclose(view_logits(model, x, flip=True), mirrored(x))
+        expected = mirrored(x) / 2 + (mirrored(moved(1, 1)) + mirrored(moved(-1, -1))) / 4
+        assert torch.allclose(view_logits(model, x, flip=True, shift=True), expected, atol=1e-6)
+        assert not torch.allclose(expected, mirrored(x), atol=1e-3)
 
 
 def test_ema_turned_on_at_a_resume_starts_from_the_loaded_weights():
