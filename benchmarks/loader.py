@@ -9,8 +9,14 @@
   batches gathered from the memory-mapped pixels, then `BatchAugment` (random crop of the output size within
   the stored square, flip, normalise), as CIFAR is read and as `imagenet64-cct` trains.
 
-The same number of DataLoader workers for both file pipelines; each measures a pass over `--images` training
-images after its workers have delivered a first batch (the store's preparation is timed apart).
+The same number of DataLoader workers for both file pipelines; each measures at least `--images` training images
+and 3 seconds after its workers have delivered a first batch (the store's preparation is timed apart). Where workers
+decode, the consuming process keeps one torch thread per core they leave free (at least one): a second thread
+only contends with the workers for the cores, and PyTorch's OpenMP threads spin while waiting, which cost the
+JPEG pipeline a third of its images/s at 224 px on 2 cores. The prepared store has no workers and uses every core.
+
+It also times decoding alone, on one core: a whole JPEG of the tree with Pillow at full size and at libjpeg's
+1/2, 1/4 and 1/8 DCT scalings, and with torchvision's `decode_jpeg` (median ms per image over `--decode-files`).
 
     python benchmarks/make_jpeg_tree.py jpeg-tree            # 5,000 JPEGs of about 500 x 375
     python benchmarks/loader.py jpeg-tree [--workers N] [--sizes 224 128 64]
@@ -41,13 +47,14 @@ from cct.data.loader import train_batch_indices  # noqa: E402
 from cct.train.loop import cpu_name  # noqa: E402
 
 
-def _images_per_s(batches: Iterator[torch.Tensor], images: int) -> float:
-    """Images/s over the batches after the first (which waits for the workers to start)."""
+def _images_per_s(batches: Iterator[torch.Tensor], images: int, min_seconds: float = 3.0) -> float:
+    """Images/s over the batches after the first (which waits for the workers to start): at least `images`
+    images and `min_seconds` (a fast pipeline's 4,096 images take a fraction of a second, too short to time)."""
     first = next(batches)
     start, seen = time.perf_counter(), 0
     for batch in batches:
         seen += len(batch)
-        if seen + len(first) >= images:
+        if seen + len(first) >= images and time.perf_counter() - start >= min_seconds:
             break
     return seen / (time.perf_counter() - start)
 
@@ -77,6 +84,7 @@ def _source_batches(source: BatchSource, augment: BatchAugment, batch_size: int)
 
 
 def jpeg_batches(tree: Path, size: int, workers: int, batch_size: int) -> Iterator[torch.Tensor]:
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - workers))
     dataset = build_dataset(f"folder:{tree}", "train")
     dataset.transform = train_file_transform(size)
     yield from _source_batches(BatchSource(dataset, torch.device("cpu"), workers), _augment(size, "none"),
@@ -84,8 +92,48 @@ def jpeg_batches(tree: Path, size: int, workers: int, batch_size: int) -> Iterat
 
 
 def prepared_batches(store: Path, size: int, batch_size: int) -> Iterator[torch.Tensor]:
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     dataset = build_dataset(f"prepared:{store}", "train")
     yield from _source_batches(BatchSource(dataset, torch.device("cpu")), _augment(size, "pad"), batch_size)
+
+
+def decode_ms(tree: Path, files: int) -> dict[str, float]:
+    """Median milliseconds to decode one whole JPEG of the tree on one core, per decoder and DCT scale."""
+    import warnings
+
+    from PIL import Image
+    from torchvision.io import decode_jpeg
+
+    paths = sorted((tree / "train").rglob("*.jpg"))[:files]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def median_ms(decode) -> float:
+        for path in paths[:10]:
+            decode(path)
+        times = []
+        for path in paths:
+            start = time.perf_counter()
+            decode(path)
+            times.append(time.perf_counter() - start)
+        return round(sorted(times)[len(times) // 2] * 1e3, 3)
+
+    def pillow(scale: int):
+        def decode(path: Path) -> None:
+            with Image.open(path) as image:
+                image.draft("RGB", (image.size[0] // scale, image.size[1] // scale))
+                image.load()
+        return decode
+
+    def torchvision(path: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            decode_jpeg(torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8))
+
+    result = {f"pillow_1/{scale}" if scale > 1 else "pillow": median_ms(pillow(scale)) for scale in (1, 2, 4, 8)}
+    result["torchvision_decode_jpeg"] = median_ms(torchvision)
+    torch.set_num_threads(threads)
+    return result
 
 
 def main() -> None:
@@ -95,13 +143,17 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--images", type=int, default=4096, help="images timed per pipeline and size")
+    parser.add_argument("--decode-files", type=int, default=250, help="JPEGs timed for the decode figures")
     parser.add_argument("--out", type=Path, help="default: benchmarks/results/loader/<cpu>.json")
     args = parser.parse_args()
     files = sum(1 for p in (args.tree / "train").rglob("*") if p.is_file())
     images = min(args.images, files)
     result = dict(cpu=cpu_name(), cpus=len(os.sched_getaffinity(0)), workers=args.workers, torch=torch.__version__,
-                  batch_size=args.batch_size, images_timed=images, tree_images=files,
+                  batch_size=args.batch_size, min_images_timed=images, min_seconds_timed=3.0, tree_images=files,
                   load_average=os.getloadavg()[0], sizes={})
+    result["decode_ms_one_core"] = decode_ms(args.tree, args.decode_files)
+    print("decoding one JPEG on one core, median ms:",
+          ", ".join(f"{k} {v}" for k, v in result["decode_ms_one_core"].items()))
     print(f"{result['cpu']}, {args.workers} workers, batches of {args.batch_size}, {images} images per figure")
     print(f"{'size':>5} {'torchvision':>12} {'jpeg':>9} {'prepared':>9} {'jpeg x':>7} {'prepared x':>10}")
     with tempfile.TemporaryDirectory(prefix="cct-loader-") as work:

@@ -673,27 +673,30 @@ def crop_flip(
     size: int,
     flip: torch.Tensor,
     padding: int = 0,
+    channels_last: bool = False,
 ) -> torch.Tensor:
     """Zero-pads every side by `padding`, crops size x size at (top, left) of the padded image i (per-image
     offsets) and mirrors the images where `flip` is set: torchvision's pad + crop + hflip.
 
     As one gather, except for large crops on a CPU: the gather reads an int64 index per output pixel, eight times
     the bytes it copies, so from about 100 px up one slice per image (a few microseconds of Python each) is faster
-    (`benchmarks/loader.py` feeds 128 and 224 px crops through it)."""
-    src = images.contiguous()
+    (`benchmarks/loader.py` feeds 128 and 224 px crops through it). The slices keep a channels-last batch (file
+    datasets deliver them so) in its layout, so that its conversion to channels-last floats does not transpose."""
+    slices = images.device.type == "cpu" and size >= 96
+    src = images if slices else images.contiguous()
     if padding:
         src = F.pad(src, (padding, padding, padding, padding))
-    crop = _crop_flip_slices if src.device.type == "cpu" and size >= 96 else _crop_flip_gather
-    return crop(src, top, left, size, flip)
+    return (_crop_flip_slices if slices else _crop_flip_gather)(src, top, left, size, flip)
 
 
 def _crop_flip_slices(src: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int,
                       flip: torch.Tensor) -> torch.Tensor:
-    crops = []
+    fmt = torch.channels_last if src.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    out = torch.empty((len(top), src.shape[1], size, size), dtype=src.dtype, device=src.device, memory_format=fmt)
     for i, (y, x, mirror) in enumerate(zip(top.tolist(), left.tolist(), flip.tolist(), strict=True)):
         crop = src[i, :, y : y + size, x : x + size]
-        crops.append(crop.flip(-1) if mirror else crop)
-    return torch.stack(crops) if crops else src[:, :, :size, :size].clone()
+        out[i].copy_(crop.flip(-1) if mirror else crop)
+    return out
 
 
 def _crop_flip_gather(src: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int,

@@ -72,7 +72,9 @@ class _FileCrop:
         except Exception as exc:  # truncated or corrupt data surfaces only while decoding
             reason = " ".join(str(exc).split())[:200] or type(exc).__name__
             raise BadImage(f"corrupt or truncated image data ({reason})") from exc
-        return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+        # kept as decoded (height, width, channel): a channels-last view, which `collate_skip_bad` copies into a
+        # channels-last batch without transposing
+        return torch.from_numpy(pixels).permute(2, 0, 1)
 
     def _crop_tensor(self, image: Tensor, box: Box) -> Tensor:
         from torchvision.transforms.v2 import InterpolationMode

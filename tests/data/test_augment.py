@@ -160,6 +160,18 @@ def test_crop_flip_matches_torchvision(cifar, crop):
         assert torch.equal(ours[i], ref)
 
 
+def test_large_crops_keep_a_channels_last_batch_in_its_layout(cifar):
+    """File batches arrive channels-last (`collate_skip_bad`): large CPU crops keep that layout, so the float
+    conversion does not transpose; the pixels are those of the same crops of a contiguous batch."""
+    x = torch.nn.functional.interpolate(cifar[0][:8].float(), size=112).round().to(torch.uint8)
+    top, left = torch.arange(8), torch.arange(8).flip(0)
+    flip = torch.arange(8) % 2 == 0
+    plain = A.crop_flip(x, top, left, 100, flip)
+    ours = A.crop_flip(x.contiguous(memory_format=torch.channels_last), top, left, 100, flip)
+    assert plain.is_contiguous() and ours.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(ours, plain)
+
+
 @pytest.mark.parametrize("size", [32, 24])
 def test_resized_crop_matches_torchvision(cifar, size):
     x = cifar[0][:64]

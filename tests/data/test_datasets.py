@@ -462,6 +462,8 @@ def test_bad_files_yield_none_and_one_warning(tmp_path: Path, caplog: pytest.Log
     batch = [ds[i] for i in range(len(ds))]
     images, labels, n_skipped = collate_skip_bad(batch)
     assert images.shape == (1, 3, 16, 16) and images.dtype == torch.uint8
+    assert images.is_contiguous(memory_format=torch.channels_last)  # the layout the batch is normalised into
+    assert torch.equal(images[0], batch[by_name["good.jpg"]][0])
     assert labels.tolist() == [0] and labels.dtype == torch.int64 and n_skipped == 4
     empty = collate_skip_bad([None, None])
     assert empty[0].shape[0] == 0 and empty[1].shape == (0,) and empty[2] == 2
