@@ -673,7 +673,6 @@ def crop_flip(
     size: int,
     flip: torch.Tensor,
     padding: int = 0,
-    channels_last: bool = False,
 ) -> torch.Tensor:
     """Zero-pads every side by `padding`, crops size x size at (top, left) of the padded image i (per-image
     offsets) and mirrors the images where `flip` is set: torchvision's pad + crop + hflip.
