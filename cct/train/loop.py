@@ -183,6 +183,7 @@ def view_logits(model: torch.nn.Module, x: torch.Tensor, flip: bool = False, shi
     return logits
 
 
+@torch.no_grad()
 def evaluate(model: torch.nn.Module, source: BatchSource, mean: Sequence[float], std: Sequence[float], cfg: Config,
              device: torch.device, num_classes: int) -> dict[str, Any]:
     """Loss, top-1, top-5 and per-class accuracy over the whole evaluation set (sharded over ranks).
