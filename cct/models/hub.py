@@ -167,8 +167,8 @@ def export_hub_folder(model: nn.Module, meta: dict[str, Any], out_dir: Path,
         raise CCTError(f"cannot write {out_dir}: {e.strerror or e}") from None
     try:
         model_config = dict(label_names=list(meta["classes"]), dataset=meta.get("dataset", ""))
-        if recipe:
-            model_config["recipe"] = recipe
+        # the run's record, so that `cct eval FOLDER` repeats its held-out part and test-time views
+        model_config.update((key, value) for key, value in (("summary", summary), ("recipe", recipe)) if value)
         model_args = dict(num_classes=model.num_classes, img_size=list(model.img_size))
         data_config = dict(input_size=(3, *model.img_size), mean=tuple(meta["mean"]), std=tuple(meta["std"]),
                            interpolation="bicubic", crop_pct=1.0, crop_mode="center")

@@ -131,11 +131,12 @@ def run_records(checkpoint: Path) -> tuple[dict | None, dict | None]:
     """The run record of a checkpoint.
 
     Args:
-        checkpoint: a weights file or a run directory.
+        checkpoint: a weights file, a run directory or a Hub folder.
 
     Returns:
         (summary, recipe): the JSON beside shipped weights, or the `summary.json` and `config.yaml` of the run
-        directory the checkpoint lies in; None for what is not there.
+        directory the checkpoint lies in, or those kept in a Hub folder's `config.json`; None for what is not
+        there.
     """
     run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
     summary = recipe = None
@@ -146,6 +147,10 @@ def run_records(checkpoint: Path) -> tuple[dict | None, dict | None]:
         summary = _read_record(run_dir / "summary.json", json.loads)
     if (run_dir / "config.yaml").is_file():
         recipe = _read_record(run_dir / "config.yaml", yaml.safe_load)
+    if summary is None and recipe is None and is_hub_folder(run_dir):  # `export_hub_folder` keeps both here
+        config = _read_record(run_dir / "config.json", json.loads)
+        summary, recipe = (config.get(key) if isinstance(config.get(key), dict) else None
+                           for key in ("summary", "recipe"))
     return summary, recipe
 
 

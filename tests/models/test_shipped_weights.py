@@ -72,7 +72,7 @@ def test_a_dataset_name_finds_the_shipped_tag():
 @pytest.mark.parametrize("key", sorted(SHIPPED_WEIGHTS))
 def test_hub_folder_of_the_repository_holds_the_shipped_weights(key):
     """hub/<model>.<tag>/ is what `cct push` would upload for the shipped weights: the same tensors, its card
-    quoting their recorded accuracy."""
+    quoting their recorded accuracy, its config the record that `cct eval FOLDER` repeats (test-time views)."""
     from safetensors.torch import load_file
 
     folder = Path(__file__).resolve().parents[2] / "hub" / key
@@ -80,4 +80,7 @@ def test_hub_folder_of_the_repository_holds_the_shipped_weights(key):
     assert shipped.keys() == hub.keys() and all(torch.equal(shipped[k], hub[k]) for k in shipped)
     record = json.loads((WEIGHTS_DIR / SHIPPED_WEIGHTS[key]).with_suffix(".json").read_text())
     assert f"| accuracy | {record['final_top1']:.2f}% top-1" in (folder / "README.md").read_text()
-    assert json.loads((folder / "config.json").read_text())["pretrained_cfg"]["tag"] == key.split(".")[1]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["pretrained_cfg"]["tag"] == key.split(".")[1]
+    recorded = ("final_top1", "test_time_flip", "test_time_shift")
+    assert [config["summary"].get(k) for k in recorded] == [record.get(k) for k in recorded]

@@ -286,6 +286,13 @@ def test_eval_of_a_folder_run_uses_the_runs_held_out_images(tmp_path, capsys):
     assert (reports[1]["test_time_flip"], reports[2]["test_time_shift"]) == (False, False)
     for fewer_views in reports[1:]:  # another loss without either view
         assert fewer_views["loss"] != pytest.approx(summary["final_loss"], abs=1e-4)
+    # the run exported as a Hub folder carries the same held-out part and views in its config.json
+    assert main(["export", str(run), "--format", "hub", "-o", str(tmp_path / "hub")]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "hub"), "--json", "--workers", "0"]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert (exported["images"], exported["test_time_flip"], exported["test_time_shift"]) == (6, True, True)
+    assert exported["loss"] == pytest.approx(summary["final_loss"], abs=1e-4)
 
 
 def test_view_logits_average_the_flipped_and_shifted_images():
