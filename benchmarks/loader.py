@@ -14,6 +14,7 @@ and 3 seconds after its workers have delivered a first batch (the store's prepar
 decode, the consuming process keeps one torch thread per core they leave free (at least one): a second thread
 only contends with the workers for the cores, and PyTorch's OpenMP threads spin while waiting, which cost the
 JPEG pipeline a third of its images/s at 224 px on 2 cores. The prepared store has no workers and uses every core.
+Freed memory is kept in the process (`retain_freed_memory`), as in the `cct` commands.
 
 It also times decoding alone, on one core: a whole JPEG of the tree with Pillow at full size and at libjpeg's
 1/2, 1/4 and 1/8 DCT scalings, and with torchvision's `decode_jpeg` (median ms per image over `--decode-files`).
@@ -44,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cct.data import BatchAugment, BatchSource, build_dataset, prepare_dataset, train_file_transform  # noqa: E402
 from cct.data.datasets import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from cct.data.loader import train_batch_indices  # noqa: E402
-from cct.train.loop import cpu_name  # noqa: E402
+from cct.train.loop import cpu_name, retain_freed_memory  # noqa: E402
 
 
 def _images_per_s(batches: Iterator[torch.Tensor], images: int, min_seconds: float = 3.0) -> float:
@@ -146,6 +147,7 @@ def main() -> None:
     parser.add_argument("--decode-files", type=int, default=250, help="JPEGs timed for the decode figures")
     parser.add_argument("--out", type=Path, help="default: benchmarks/results/loader/<cpu>.json")
     args = parser.parse_args()
+    retain_freed_memory()  # as the `cct` commands do: a 224 px float batch is otherwise page-faulted afresh each time
     files = sum(1 for p in (args.tree / "train").rglob("*") if p.is_file())
     images = min(args.images, files)
     result = dict(cpu=cpu_name(), cpus=len(os.sched_getaffinity(0)), workers=args.workers, torch=torch.__version__,

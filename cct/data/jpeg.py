@@ -3,9 +3,9 @@
 `decode_image_file` followed by `train_transform` decodes every pixel of a 500 x 375 JPEG, then throws most of
 them away and resamples the rest to a few hundred. Here the crop box is drawn from the size in the file's
 header before any pixel is decoded, and a JPEG is decoded at the smallest of libjpeg's DCT scalings (1/2, 1/4,
-1/8: Pillow's `Image.draft`) that still gives the box at least the output's resolution; Pillow then resamples
-only the box (`Image.resize(box=...)`), antialiased. The worker returns the uint8 crop; flips, normalisation
-and the other augmentations run on whole batches (`BatchAugment`), as for in-memory data.
+1/8: Pillow's `Image.draft`) that still gives the box at least the output's resolution; only the box's pixels
+are copied out and resampled, antialiased, by torch's uint8 kernel. The worker returns the uint8 crop; flips,
+normalisation and the other augmentations run on whole batches (`BatchAugment`), as for in-memory data.
 
 The boxes are drawn exactly as by `train_transform` / `eval_transform` (from torch's generator, which
 `BatchSource` seeds per image), so a resumed run sees the same crops; a bad file raises `BadImage` like
@@ -20,6 +20,7 @@ import os
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .datasets import BadImage, decode_image_file, eval_transform, open_image_file, train_transform
@@ -31,13 +32,6 @@ Box = tuple[float, float, float, float]  # left, top, right, bottom, in the file
 # Pillow modes that `Image.convert("RGB")` turns into 8-bit RGB as `decode_image_file` would; others (16-bit,
 # 32-bit, float) take the tensor path.
 _EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"})
-
-
-def _resample(interpolation: str) -> int:
-    from PIL import Image
-
-    return {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
-            "nearest": Image.Resampling.NEAREST}[interpolation]
 
 
 class _FileCrop:
@@ -57,33 +51,36 @@ class _FileCrop:
         width, height = image.size
         left, top, right, bottom = self.box(height, width)
         if image.mode not in _EIGHT_BIT_MODES:
-            return self._crop_tensor(decode_image_file(path), (left, top, right, bottom))
+            return self._resample(decode_image_file(path), (left, top, right, bottom))
         try:
             # Ask libjpeg for an image whose box is at least `size` pixels wide and high (a no-op but for JPEG).
             image.draft("RGB", (math.ceil(width * self.size / (right - left)),
                                 math.ceil(height * self.size / (bottom - top))))
             fx, fy = image.size[0] / width, image.size[1] / height
             rgb = image if image.mode == "RGB" else image.convert("RGB")
-            # reducing_gap: a large shrink first averages whole blocks of pixels (cheap), then resamples; Pillow
-            # documents 3.0 as indistinguishable from resampling in one go
-            crop = rgb.resize((self.size, self.size), _resample(self.interpolation),
-                              box=(left * fx, top * fy, right * fx, bottom * fy), reducing_gap=3.0)
-            pixels = np.array(crop, dtype=np.uint8)
+            box = _whole_pixels((left * fx, top * fy, right * fx, bottom * fy), rgb.size)
+            pixels = torch.from_numpy(np.array(rgb.crop(box), dtype=np.uint8)).permute(2, 0, 1)
         except Exception as exc:  # truncated or corrupt data surfaces only while decoding
             reason = " ".join(str(exc).split())[:200] or type(exc).__name__
             raise BadImage(f"corrupt or truncated image data ({reason})") from exc
-        # kept as decoded (height, width, channel): a channels-last view, which `collate_skip_bad` copies into a
-        # channels-last batch without transposing
-        return torch.from_numpy(pixels).permute(2, 0, 1)
+        return self._resample(pixels, (0, 0, pixels.shape[2], pixels.shape[1]))
 
-    def _crop_tensor(self, image: Tensor, box: Box) -> Tensor:
-        from torchvision.transforms.v2 import InterpolationMode
-        from torchvision.transforms.v2 import functional as F
+    def _resample(self, image: Tensor, box: Box) -> Tensor:
+        """The `box` of a uint8 `3 x H x W` image resampled to `size` x `size`, antialiased: torch's uint8 kernel
+        (the one `train_transform` / `eval_transform` use), faster than Pillow's (docs/imagenet.md)."""
+        left, top, right, bottom = _whole_pixels(box, (image.shape[2], image.shape[1]))
+        # a batch of one whose strides say channels-last where the pixels are height x width x channel (as decoded
+        # by Pillow): the kernel then keeps that layout, faster, and `collate_skip_bad` copies it without transposing
+        crop = image[:, top:bottom, left:right].permute(1, 2, 0).unsqueeze(0).permute(0, 3, 1, 2)
+        return F.interpolate(crop, size=(self.size, self.size), mode=self.interpolation,
+                             antialias=self.interpolation != "nearest")[0]
 
-        left, top, right, bottom = (round(v) for v in box)
-        out = F.resized_crop(image, top, left, max(1, bottom - top), max(1, right - left), [self.size, self.size],
-                             interpolation=InterpolationMode(self.interpolation), antialias=True)
-        return out.contiguous()
+
+def _whole_pixels(box: Box, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """`box` rounded to whole pixels of an image of `size` (width, height), at least one pixel wide and high."""
+    width, height = size
+    left, top = min(round(box[0]), width - 1), min(round(box[1]), height - 1)
+    return left, top, min(max(round(box[2]), left + 1), width), min(max(round(box[3]), top + 1), height)
 
 
 class _FileTrainCrop(_FileCrop):
@@ -124,7 +121,7 @@ def train_file_transform(img_size: int, scale: tuple[float, float] = (0.08, 1.0)
     """The training transform of `ImageFiles` that decodes only what its random-resized crop needs.
 
     Bilinear by default, as torchvision's `RandomResizedCrop` (timm's training crop draws bilinear or bicubic):
-    Pillow's bicubic resampling costs more than decoding a reduced JPEG.
+    bicubic resampling reads twice as many pixels per output pixel.
 
     Args:
         img_size: the side of the square output.
