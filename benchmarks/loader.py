@@ -17,7 +17,9 @@ JPEG pipeline a third of its images/s at 224 px on 2 cores. The prepared store h
 Freed memory is kept in the process (`retain_freed_memory`), as in the `cct` commands.
 
 It also times decoding alone, on one core: a whole JPEG of the tree with Pillow at full size and at libjpeg's
-1/2, 1/4 and 1/8 DCT scalings, and with torchvision's `decode_jpeg` (median ms per image over `--decode-files`).
+1/2, 1/4 and 1/8 DCT scalings, and with torchvision's `decode_jpeg`; and resampling alone, a 300 px box of a
+decoded image to 224 px with Pillow and with the JPEG path's torch kernel (median ms per image over
+`--decode-files`).
 
     python benchmarks/make_jpeg_tree.py jpeg-tree            # 5,000 JPEGs of about 500 x 375
     python benchmarks/loader.py jpeg-tree [--workers N] [--sizes 224 128 64]
@@ -98,6 +100,21 @@ def prepared_batches(store: Path, size: int, batch_size: int) -> Iterator[torch.
     yield from _source_batches(BatchSource(dataset, torch.device("cpu")), _augment(size, "pad"), batch_size)
 
 
+def _median_ms(work, items) -> float:
+    """Median milliseconds of `work(item)` over `items`, on one core, after a warm-up on the first ten."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for item in items[:10]:
+        work(item)
+    times = []
+    for item in items:
+        start = time.perf_counter()
+        work(item)
+        times.append(time.perf_counter() - start)
+    torch.set_num_threads(threads)
+    return round(sorted(times)[len(times) // 2] * 1e3, 3)
+
+
 def decode_ms(tree: Path, files: int) -> dict[str, float]:
     """Median milliseconds to decode one whole JPEG of the tree on one core, per decoder and DCT scale."""
     import warnings
@@ -106,18 +123,6 @@ def decode_ms(tree: Path, files: int) -> dict[str, float]:
     from torchvision.io import decode_jpeg
 
     paths = sorted((tree / "train").rglob("*.jpg"))[:files]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-
-    def median_ms(decode) -> float:
-        for path in paths[:10]:
-            decode(path)
-        times = []
-        for path in paths:
-            start = time.perf_counter()
-            decode(path)
-            times.append(time.perf_counter() - start)
-        return round(sorted(times)[len(times) // 2] * 1e3, 3)
 
     def pillow(scale: int):
         def decode(path: Path) -> None:
@@ -131,10 +136,37 @@ def decode_ms(tree: Path, files: int) -> dict[str, float]:
             warnings.simplefilter("ignore", DeprecationWarning)
             decode_jpeg(torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8))
 
-    result = {f"pillow_1/{scale}" if scale > 1 else "pillow": median_ms(pillow(scale)) for scale in (1, 2, 4, 8)}
-    result["torchvision_decode_jpeg"] = median_ms(torchvision)
-    torch.set_num_threads(threads)
+    result = {f"pillow_1/{scale}" if scale > 1 else "pillow": _median_ms(pillow(scale), paths)
+              for scale in (1, 2, 4, 8)}
+    result["torchvision_decode_jpeg"] = _median_ms(torchvision, paths)
     return result
+
+
+def resample_ms(tree: Path, files: int, size: int = 224, side: int = 300) -> dict[str, float]:
+    """Median milliseconds to resample the central `side` x `side` box of a decoded JPEG of the tree to `size` px,
+    bilinear and antialiased, on one core: Pillow's `resize(box=...)` against the torch kernel the JPEG path uses
+    (from the box's pixels copied out of Pillow, the copy included)."""
+    import numpy as np
+    from PIL import Image
+
+    images = []
+    for path in sorted((tree / "train").rglob("*.jpg"))[:files]:
+        with Image.open(path) as image:
+            images.append(image.convert("RGB"))
+    transform = train_file_transform(size)
+
+    def box(image: Image.Image) -> tuple[int, int, int, int]:
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        return left, top, left + side, top + side
+
+    def pillow(image: Image.Image) -> None:
+        np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, box=box(image)))
+
+    def ours(image: Image.Image) -> None:
+        pixels = torch.from_numpy(np.array(image.crop(box(image)), dtype=np.uint8)).permute(2, 0, 1)
+        transform._resample(pixels, (0, 0, side, side))
+
+    return {f"pillow_{side}_to_{size}": _median_ms(pillow, images), f"torch_{side}_to_{size}": _median_ms(ours, images)}
 
 
 def main() -> None:
@@ -154,8 +186,11 @@ def main() -> None:
                   batch_size=args.batch_size, min_images_timed=images, min_seconds_timed=3.0, tree_images=files,
                   load_average=os.getloadavg()[0], sizes={})
     result["decode_ms_one_core"] = decode_ms(args.tree, args.decode_files)
+    result["resample_ms_one_core"] = resample_ms(args.tree, args.decode_files)
     print("decoding one JPEG on one core, median ms:",
           ", ".join(f"{k} {v}" for k, v in result["decode_ms_one_core"].items()))
+    print("resampling a crop on one core, median ms:",
+          ", ".join(f"{k} {v}" for k, v in result["resample_ms_one_core"].items()))
     print(f"{result['cpu']}, {args.workers} workers, batches of {args.batch_size}, {images} images per figure")
     print(f"{'size':>5} {'torchvision':>12} {'jpeg':>9} {'prepared':>9} {'jpeg x':>7} {'prepared x':>10}")
     with tempfile.TemporaryDirectory(prefix="cct-loader-") as work:
