@@ -47,6 +47,29 @@ def test_train_crop_draws_the_same_box_as_the_tensor_transform(jpeg_file):
     assert (other.float() - reference).abs().mean() > 3.0
 
 
+def test_at_full_scale_the_file_crop_is_the_tensor_transforms_crop(jpeg_file):
+    # 224 px crops of a 500 x 375 file need every decoded pixel, so nothing but the decoder differs: the same box
+    # resampled by the same kernel gives the same pixels, up to a rounding step of the decoders
+    for seed in range(3):
+        torch.manual_seed(seed)
+        reference = train_transform(224, interpolation="bilinear")(decode_image_file(jpeg_file)).int()
+        torch.manual_seed(seed)
+        ours = train_file_transform(224).load_file(jpeg_file)
+        assert (ours.int() - reference).abs().max() <= 1
+        # height x width x channel in memory, which `collate_skip_bad` copies into a channels-last batch as is
+        assert ours.permute(1, 2, 0).is_contiguous()
+
+
+def test_tiny_and_thin_images_give_full_size_crops(tmp_path):
+    for name, (height, width) in (("tiny.png", (3, 5)), ("thin.jpg", (1, 400)), ("tall.jpg", (300, 2))):
+        path = tmp_path / name
+        Image.fromarray(_smooth_image(height, width)).save(path)
+        for seed in range(4):
+            torch.manual_seed(seed)
+            assert train_file_transform(32).load_file(path).shape == (3, 32, 32)
+        assert eval_file_transform(32).load_file(path).shape == (3, 32, 32)
+
+
 def test_small_crops_decode_the_jpeg_at_reduced_size(jpeg_file):
     crop = eval_file_transform(32, crop_pct=1.0)
     image = Image.open(jpeg_file)
