@@ -114,7 +114,7 @@ class Config:
     precision: str = "auto"
     compile: bool = False
     channels_last: bool = True
-    threads: int | None = None  # torch intra-op threads; None: torch's default
+    threads: int | None = None  # torch intra-op threads; None: torch's default, less the workers for files on a CPU
     processes: int = 1  # DDP processes `cct train` starts for a CPU run (as --nproc-per-node, which wins)
     seed: int = 0
     on_nan: str = "stop"

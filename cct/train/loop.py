@@ -452,8 +452,12 @@ def train(cfg: Config, run_dir: Path, data_root: Path | None = None, resume: boo
         The run's summary, as written to `summary.json` (final and best top-1, timings, device, ...).
     """
     dist.setup(device)
-    with RunLock(run_dir) if dist.rank() == 0 else nullcontext():
-        return _train(cfg, run_dir, data_root, resume, device)
+    threads = torch.get_num_threads()  # a run may set its own; the caller's are given back
+    try:
+        with RunLock(run_dir) if dist.rank() == 0 else nullcontext():
+            return _train(cfg, run_dir, data_root, resume, device)
+    finally:
+        torch.set_num_threads(threads)
 
 
 # What the saved weights and optimiser state are shaped by, and what a saved step means (it counts global
@@ -523,6 +527,14 @@ class _Run:
         return self.steps_per_epoch * self.cfg.epochs
 
 
+def _leave_cores_to_workers(workers: int) -> None:
+    """Keep one torch thread per core that `workers` decoding processes leave free (at least one), for a CPU run
+    from files whose `threads` is unset. Threads and workers otherwise contend for the cores, and OpenMP threads
+    spin while they wait, which cost `cct train finetune` on a folder of JPEGs more than a third of its speed on
+    2 cores (docs/own-images.md). A model whose compute outweighs decoding wants every core: `--set threads=N`."""
+    torch.set_num_threads(max(1, torch.get_num_threads() - workers))
+
+
 def _start(cfg: Config, run_dir: Path, data_root: Path | None, resume: bool, device: str | None) -> _Run:
     """Set a run up: data, model and optimiser (from the saved state on a resume), the run directory's
     `config.yaml`, the metrics log and the progress bar (rank 0)."""
@@ -535,6 +547,8 @@ def _start(cfg: Config, run_dir: Path, data_root: Path | None, resume: bool, dev
     img_size = cfg.img_size or dataset_info(cfg.dataset).img_size
     info, train_ds, eval_ds = _load_data(cfg, data_root, img_size)
     train_source, eval_source = BatchSource(train_ds, dev, cfg.workers), BatchSource(eval_ds, dev, cfg.workers)
+    if not cfg.threads and dev.type == "cpu" and not info.in_memory:
+        _leave_cores_to_workers(train_source.workers)
     num_train = min(len(train_ds), cfg.train_samples or len(train_ds))
     spe = steps_per_epoch(num_train, cfg.batch_size * cfg.accumulate_steps, dist.world_size())
     if spe == 0 and cfg.epochs > 0:

@@ -295,6 +295,23 @@ def test_eval_of_a_folder_run_uses_the_runs_held_out_images(tmp_path, capsys):
     assert exported["loss"] == pytest.approx(summary["final_loss"], abs=1e-4)
 
 
+def test_a_cpu_run_from_files_leaves_its_workers_a_core_unless_told(tmp_path):
+    """Where `threads` is unset, a CPU run from image files keeps one torch thread per core its decoding workers
+    leave free (at least one); `threads` set is obeyed; either way the caller's thread count is given back."""
+    for label in ("a", "b"):
+        (tmp_path / "tree" / label).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(np.full((12, 12, 3), 40 * i, dtype=np.uint8)).save(tmp_path / "tree" / label / f"{i}.png")
+    before = torch.get_num_threads()
+    for threads, expected in ((None, max(1, before - 1)), (before, before)):
+        overrides = [f"dataset=folder:{tmp_path / 'tree'}", "epochs=1", "batch_size=4", "img_size=32", "workers=1",
+                     "val_fraction=0.3", *([f"threads={threads}"] if threads else [])]
+        run = tmp_path / f"run-{threads}"
+        summary = train(load_config("keras-example", overrides), run, device="cpu")
+        assert summary["threads"] == expected
+        assert torch.get_num_threads() == before
+
+
 def test_view_logits_average_the_flipped_and_shifted_images():
     """Flip: the mean of the image's and its mirror's logits. Shift: half on that, a quarter on each copy moved
     one pixel up-left and down-right, the edges reflected (computed here by hand, pixel by pixel)."""
